@@ -1,0 +1,174 @@
+"""Request scopes: a unit of work whose end waits for its hand-offs.
+
+A :class:`Scope` is framework-neutral. An adapter (the Flask extension, the
+WSGI middleware) creates one per request and *enters* it, which makes it the
+:func:`current_scope` of the request's greenlet and, through the context
+snapshot, of every greenlet that request hands its context to. The request
+itself is the first holder; every explicit hand-off acquires the scope when
+it starts and releases it when it ends, however it ends. When the last holder
+leaves, the scope closes and runs its close callbacks exactly once: that is
+where adapters put teardown.
+
+A scope belongs to the thread (and so the gevent hub) that created it; acquire
+and release it from greenlets of that hub only.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as t
+from contextvars import Context, ContextVar, Token
+
+import gevent
+from gevent.event import Event
+from gevent.hub import Hub
+from greenlet import getcurrent
+
+__all__ = ["Scope", "current_scope"]
+
+log = logging.getLogger("geventctx")
+
+_SCOPE: ContextVar[Scope | None] = ContextVar("geventctx.scope", default=None)
+
+
+def current_scope() -> Scope | None:
+    """The request scope active in this greenlet, or ``None`` outside one.
+
+    A child handed a request's context sees the request's scope even after
+    the request ended; check :attr:`Scope.closed` for that.
+    """
+    return _SCOPE.get()
+
+
+class Scope:
+    """Holders count, deferred close callbacks and request state of one request.
+
+    :param label: what the scope is, for logs and the registry, such as
+        ``"GET /upload"``.
+    """
+
+    __slots__ = (
+        "label",
+        "_holders",
+        "_owner_done",
+        "_callbacks",
+        "_closed_event",
+        "closed",
+        "created_at",
+        "owner_done_at",
+        "response_started",
+        "extras",
+        "__weakref__",
+    )
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        #: The request itself holds the scope until :meth:`finish`.
+        self._holders = 1
+        self._owner_done = False
+        self._callbacks: list[tuple[t.Callable[..., t.Any], tuple[t.Any, ...]]] = []
+        self._closed_event: Event | None = None
+        #: True once the last holder left and the close callbacks started.
+        self.closed = False
+        self.created_at = time.monotonic()
+        #: When the request itself finished (:meth:`finish`), or ``None``.
+        self.owner_done_at: float | None = None
+        #: Set by adapters once the status and headers were handed to the server.
+        self.response_started = False
+        #: Per-scope state of adapters (body lock, session guard, ...).
+        self.extras: dict[str, t.Any] = {}
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"holders={self._holders}"
+        return f"<Scope {self.label!r} {state}>"
+
+    @property
+    def holders(self) -> int:
+        """How many holders keep the scope open (the request counts as one)."""
+        return self._holders
+
+    def enter(self) -> Token[Scope | None]:
+        """Make this the current scope of the running context."""
+        return _SCOPE.set(self)
+
+    @staticmethod
+    def exit(token: Token[Scope | None]) -> None:
+        """Undo :meth:`enter`."""
+        _SCOPE.reset(token)
+
+    def acquire(self) -> bool:
+        """Add a holder. Returns ``False`` (and adds none) if already closed."""
+        if self._holders <= 0:
+            return False
+        self._holders += 1
+        return True
+
+    def release(self) -> None:
+        """Remove a holder; the last one out closes the scope."""
+        holders = self._holders - 1
+        if holders < 0:
+            raise RuntimeError(f"{self!r} released more often than acquired")
+        self._holders = holders
+        if holders == 0:
+            self._close()
+
+    def finish(self) -> None:
+        """The request itself is done: release its hold, once."""
+        if self._owner_done:
+            return
+        self._owner_done = True
+        self.owner_done_at = time.monotonic()
+        self.release()
+
+    @property
+    def owner_done(self) -> bool:
+        """True once :meth:`finish` was called."""
+        return self._owner_done
+
+    def on_close(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:
+        """Run ``callback(*args)`` when the scope closes, in registration order.
+
+        If the scope is already closed, the callback runs now.
+        """
+        if self.closed:
+            self._run_one(callback, args)
+        else:
+            self._callbacks.append((callback, args))
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block this greenlet until the scope closed; ``False`` on timeout."""
+        if self.closed and self._closed_event is None:
+            return True
+        if self._closed_event is None:
+            self._closed_event = Event()
+        return self._closed_event.wait(timeout)
+
+    def _close(self) -> None:
+        self.closed = True
+        if isinstance(getcurrent(), Hub):
+            # The last holder left from a link callback in the hub, where
+            # callbacks must not block: run them in a greenlet of their own,
+            # in an empty context (they carry their own if they need one).
+            runner = gevent.Greenlet(self._run_callbacks)
+            runner.gr_context = Context()
+            runner.start()
+        else:
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        try:
+            for callback, args in callbacks:
+                self._run_one(callback, args)
+        finally:
+            if self._closed_event is not None:
+                self._closed_event.set()
+
+    def _run_one(self, callback: t.Callable[..., t.Any], args: tuple[t.Any, ...]) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("close callback %r of %r failed", callback, self)
