@@ -57,6 +57,7 @@ class Scope:
         "_callbacks",
         "_closed_event",
         "closed",
+        "_done",
         "created_at",
         "owner_done_at",
         "response_started",
@@ -73,6 +74,7 @@ class Scope:
         self._closed_event: Event | None = None
         #: True once the last holder left and the close callbacks started.
         self.closed = False
+        self._done = False
         self.created_at = time.monotonic()
         #: When the request itself finished (:meth:`finish`), or ``None``.
         self.owner_done_at: float | None = None
@@ -131,16 +133,16 @@ class Scope:
     def on_close(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:
         """Run ``callback(*args)`` when the scope closes, in registration order.
 
-        If the scope is already closed, the callback runs now.
+        If the scope already closed and ran its callbacks, it runs now.
         """
-        if self.closed:
+        if self._done:
             self._run_one(callback, args)
         else:
             self._callbacks.append((callback, args))
 
     def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block this greenlet until the scope closed; ``False`` on timeout."""
-        if self.closed and self._closed_event is None:
+        """Block until the scope closed and its callbacks ran; ``False`` on timeout."""
+        if self._done:
             return True
         if self._closed_event is None:
             self._closed_event = Event()
@@ -159,11 +161,13 @@ class Scope:
             self._run_callbacks()
 
     def _run_callbacks(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
+        callbacks = self._callbacks
         try:
-            for callback, args in callbacks:
+            while callbacks:
+                callback, args = callbacks.pop(0)
                 self._run_one(callback, args)
         finally:
+            self._done = True
             if self._closed_event is not None:
                 self._closed_event.set()
 

@@ -1,0 +1,59 @@
+"""Run the geventctx benchmarks and print their tables (``make bench``).
+
+Each module in :data:`MODULES` (a file next to this one) exposes ``TITLE`` and
+``run(quick: bool) -> list[common.Row]``. ``--quick`` is a few-second smoke run
+whose figures are too noisy to judge budgets by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+
+from common import format_table
+
+#: Benchmark modules, in run order. Add "body_lock", "http", "memory" here.
+MODULES = ["spawn"]
+
+
+def header() -> str:
+    """Date, interpreter, library versions, CPUs and how to reproduce."""
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("gevent", "greenlet", "flask", "geventctx")
+    )
+    return "\n".join(
+        [
+            f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"python {platform.python_version()} ({platform.python_implementation()}), {versions}",
+            f"platform: {platform.platform()}, os.cpu_count()={os.cpu_count()}",
+            "reproduce: make bench   (smoke run: .venv/bin/python benchmarks/run.py --quick)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every benchmark; exit status 1 on a missed budget only with --strict."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, smoke test only")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a budget is missed")
+    args = parser.parse_args(argv)
+
+    print(header())
+    missed = False
+    for name in MODULES:
+        module = importlib.import_module(name)
+        rows = module.run(args.quick)
+        print(f"\n== {module.TITLE}{' [quick]' if args.quick else ''}")
+        print(format_table(rows))
+        missed |= any(row.ok is False for row in rows)
+    return 1 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

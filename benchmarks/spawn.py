@@ -1,0 +1,166 @@
+"""P1 and P2: the cost of one spawn+join, in one Flask request context.
+
+Every variant runs the same trivial child (it reads a context variable with a
+default) ``n`` times per batch. Rounds are interleaved: round ``i`` runs one
+batch of every variant, in an order rotated by ``i``, so drift (CPU frequency,
+other load) hits all variants alike. A variant's figure is the median over
+rounds of its per-round mean. Garbage is collected and the hub drained before
+every batch, outside the timed loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import typing as t
+from contextvars import ContextVar, copy_context
+from time import perf_counter_ns
+
+import flask
+import gevent
+
+import geventctx
+from common import Row
+
+TITLE = "spawn+join inside a Flask request (P1, P2)"
+
+#: (rounds, spawns per batch), after one discarded warm-up round.
+SIZES = {False: (51, 4000), True: (7, 500)}
+
+_VAR: ContextVar[str] = ContextVar("bench.request_id")
+_SPAN: ContextVar[str] = ContextVar("bench.span")
+
+Batch = t.Callable[[int], int]
+
+
+def _child() -> str:
+    """The child's work: read a context variable (default when unset)."""
+    return _VAR.get("-")
+
+
+def bare(n: int) -> int:
+    """``gevent.spawn(f).join()``: the baseline (child context is empty)."""
+    spawn, f = gevent.spawn, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        spawn(f).join()
+    return perf_counter_ns() - start
+
+
+def raw_context(n: int) -> int:
+    """A plain Greenlet given ``copy_context()`` as ``gr_context`` by hand."""
+    greenlet, copy, f = gevent.Greenlet, copy_context, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        g = greenlet(f)
+        g.gr_context = copy()
+        g.start()
+        g.join()
+    return perf_counter_ns() - start
+
+
+def flask_copy(n: int) -> int:
+    """Flask's recipe: ``gevent.spawn(copy_current_request_context(f))``."""
+    spawn, wrap, f = gevent.spawn, flask.copy_current_request_context, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        spawn(wrap(f)).join()
+    return perf_counter_ns() - start
+
+
+def geventctx_no_scope(n: int) -> int:
+    """``geventctx.spawn(f).join()`` with no request scope entered."""
+    spawn, f = geventctx.spawn, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        spawn(f).join()
+    return perf_counter_ns() - start
+
+
+def geventctx_in_scope(n: int) -> int:
+    """``geventctx.spawn(f).join()`` inside an entered request scope."""
+    scope = geventctx.Scope("GET /bench")
+    token = scope.enter()
+    try:
+        elapsed = geventctx_no_scope(n)
+    finally:
+        geventctx.Scope.exit(token)
+    assert scope.holders == 1, scope  # every child released the scope
+    scope.finish()
+    return elapsed
+
+
+def patched_bare(n: int) -> int:
+    """``gevent.spawn(f).join()`` under ``geventctx.patch()``."""
+    geventctx.patch()
+    try:
+        return bare(n)
+    finally:
+        geventctx.unpatch()
+
+
+VARIANTS: dict[str, Batch] = {
+    "gevent.spawn (bare)": bare,
+    "Greenlet + gr_context=copy_context()": raw_context,
+    "copy_current_request_context + spawn": flask_copy,
+    "geventctx.spawn (in scope)": geventctx_in_scope,
+    "geventctx.spawn (no scope)": geventctx_no_scope,
+    "gevent.spawn under patch()": patched_bare,
+}
+
+
+def _settle() -> None:
+    """Let the hub run pending callbacks, then collect garbage."""
+    gevent.sleep(0)
+    gc.collect()
+
+
+def measure(rounds: int, n: int) -> dict[str, list[float]]:
+    """Per-round mean microseconds per spawn+join, by variant name."""
+    names = list(VARIANTS)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds + 1):  # round 0 is a discarded warm-up
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            _settle()
+            elapsed = VARIANTS[name](n)
+            if i:
+                results[name].append(elapsed / n / 1000)
+    _settle()
+    assert not geventctx.registry.live(), "hand-offs left in the registry"
+    return results
+
+
+def _spread(samples: list[float]) -> str:
+    """Interquartile range as a percentage of the median."""
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return f"IQR ±{(q3 - q1) / 2 / statistics.median(samples) * 100:.1f}%"
+
+
+def run(quick: bool) -> list[Row]:
+    """Measure every variant inside one Flask request context; P1/P2 rows."""
+    rounds, n = SIZES[quick]
+    app = flask.Flask(__name__)
+    with app.test_request_context("/bench"):
+        _VAR.set("req-1234")
+        _SPAN.set("span-5678")
+        samples = measure(rounds, n)
+
+    med = {name: statistics.median(s) for name, s in samples.items()}
+    base = med["gevent.spawn (bare)"]
+    ccrc = med["copy_current_request_context + spawn"]
+    rows = [
+        Row(name, value, "µs", value / base, note=_spread(samples[name]))
+        for name, value in med.items()
+    ]
+    for i, row in enumerate(rows):
+        if row.name == "geventctx.spawn (in scope)":
+            vs_ccrc = row.value / ccrc
+            rows[i] = row._replace(
+                budget=f"P1 <=1.2x bare, <=0.5x ccrc ({vs_ccrc:.3f}x)",
+                ok=row.value <= 1.2 * base and vs_ccrc <= 0.5,
+            )
+        elif row.name == "gevent.spawn under patch()":
+            rows[i] = row._replace(budget="P2 <=1.1x bare", ok=row.value <= 1.1 * base)
+    rows[0] = rows[0]._replace(note=f"{rows[0].note}; {rounds} rounds x {n} spawns")
+    return rows
