@@ -17,25 +17,42 @@ while it runs.
 from __future__ import annotations
 
 import sys
+import time
 import typing as t
 import warnings
+import weakref
 from contextvars import copy_context
 
 import gevent
 from greenlet import getcurrent
 
 from . import registry
-from ._site import Site, format_site, site_of
+from ._misuse import check_unmanaged
+from ._site import _INTERNAL_DIRS, Site, format_site, site_of
 from .errors import LateEffectWarning
-from .scope import _SCOPE
+from .scope import _SCOPE, Scope
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
 
 _getframe = sys._getframe
 _base_start = gevent.Greenlet.start
 _base_start_later = gevent.Greenlet.start_later
-_HandOff = registry.HandOff
+_entry = registry.entry
 _live = registry._live
+_pop = _live.pop
+_ref = weakref.ref
+_monotonic = time.monotonic
+
+
+def _late(scope: Scope, site: Site | None) -> None:
+    warnings.warn_explicit(
+        f"{scope.label or 'the request'} has already ended; the child "
+        f"started at {format_site(site)} sees its context but does not "
+        "delay its teardown",
+        LateEffectWarning,
+        site[0] if site else "<unknown>",
+        site[1] if site else 0,
+    )
 
 
 def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) -> None:
@@ -45,34 +62,30 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     in the registry and makes it hold the current request scope (if any)
     until it ends. Call it in the spawner, just before starting ``child``.
     """
-    ctx = copy_context()
-    child.gr_context = ctx
+    child.gr_context = copy_context()
     if site is None:
         # The user's call is not on this greenlet's stack: the spawner is a
         # helper (Pool.map, imap) that was itself handed off; use its site.
         helper = _live.get(id(getcurrent()))
-        site = helper.site if helper is not None else None
+        site = helper[4] if helper is not None else None
     scope = _SCOPE.get()
-    if scope is not None and not scope.acquire():
-        warnings.warn_explicit(
-            f"{scope.label or 'the request'} has already ended; the child "
-            f"started at {format_site(site)} sees its context but does not "
-            "delay its teardown",
-            LateEffectWarning,
-            site[0] if site else "<unknown>",
-            site[1] if site else 0,
-        )
+    if scope is None:
+        check_unmanaged(site)
+    elif not scope.acquire():
+        _late(scope, site)
         scope = None
-    _live[id(child)] = _HandOff(child, getcurrent(), scope, function, site)
+    _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
     child.rawlink(_finished)
 
 
 def _finished(child: gevent.Greenlet) -> None:
     # Runs once per child, from the hub, however the child ended (returned,
     # raised, was killed, or was killed before it ever ran).
-    record = _live.pop(id(child), None)
-    if record is not None and record.scope is not None:
-        record.scope.release()
+    entry = _pop(id(child), None)
+    if entry is not None:
+        scope = entry[2]
+        if scope is not None:
+            scope.release()
 
 
 class Greenlet(gevent.Greenlet):
@@ -101,6 +114,12 @@ class Greenlet(gevent.Greenlet):
         _base_start_later(self, seconds)
 
 
+class _Spawned(Greenlet):
+    # What spawn() returns: attached before it is started, so the class
+    # attribute saves a per-instance write on the hot path.
+    _geventctx_attached = True
+
+
 def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Greenlet:
     """Like :func:`gevent.spawn`, but the child runs in this greenlet's context.
 
@@ -110,9 +129,29 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
 
     .. versionadded:: 0.1
     """
-    child = Greenlet(function, *args, **kwargs)
-    child._geventctx_attached = True
-    attach(child, site_of(_getframe(1)), function)
+    # attach(), inlined: this is the hot path measured by the P1 budget.
+    child = _Spawned(function, *args, **kwargs)
+    child.gr_context = copy_context()
+    frame = _getframe(1)
+    filename = frame.f_code.co_filename
+    if filename.startswith(_INTERNAL_DIRS):
+        site = site_of(frame)
+        if site is None:
+            helper = _live.get(id(getcurrent()))
+            site = helper[4] if helper is not None else None
+    else:
+        site = (filename, frame.f_lineno)
+    scope = _SCOPE.get()
+    if scope is None:
+        check_unmanaged(site)
+    elif scope._holders > 0:
+        scope._holders += 1
+    else:
+        _late(scope, site)
+        scope = None
+    current = getcurrent()
+    _live[id(child)] = (_ref(child), _ref(current), scope, function, site, _monotonic())
+    child.rawlink(_finished)
     _base_start(child)
     return child
 
@@ -127,8 +166,7 @@ def spawn_later(
 
     .. versionadded:: 0.1
     """
-    child = Greenlet(function, *args, **kwargs)
-    child._geventctx_attached = True
+    child = _Spawned(function, *args, **kwargs)
     attach(child, site_of(_getframe(1)), function)
     _base_start_later(child, seconds)
     return child

@@ -28,34 +28,24 @@ __all__ = ["HandOff", "live", "record_of", "for_scope", "dump"]
 
 _monotonic = time.monotonic
 
-#: id(greenlet) -> record, for running hand-offs only. A record is removed by
+_ref = weakref.ref
+
+#: (weakref to child, weakref to parent, scope, function, site, start time)
+Entry = t.Tuple["weakref.ref[t.Any]", "weakref.ref[t.Any]", "Scope | None", t.Any, "Site | None", float]
+
+#: id(greenlet) -> entry, for running hand-offs only. An entry is removed by
 #: the greenlet's own link when it ends, before the greenlet can be freed, so
-#: an id is never reused while its record is here.
-_live: dict[int, HandOff] = {}
+#: an id is never reused while its entry is here.
+_live: dict[int, Entry] = {}
 
 
 class HandOff:
-    """What is known about one running hand-off."""
+    """What is known about one running hand-off (a read-only view)."""
 
-    __slots__ = ("_greenlet", "_parent", "scope", "function", "site", "started_at", "__weakref__")
+    __slots__ = ("_greenlet", "_parent", "scope", "function", "site", "started_at")
 
-    def __init__(
-        self,
-        child: greenlet.greenlet,
-        parent: greenlet.greenlet,
-        scope: Scope | None,
-        function: t.Callable[..., t.Any] | None,
-        site: Site | None,
-    ) -> None:
-        self._greenlet = weakref.ref(child)
-        self._parent = weakref.ref(parent)
-        #: The request scope the child holds, or ``None`` outside a request.
-        self.scope = scope
-        #: The callable the child runs.
-        self.function = function
-        #: ``(filename, lineno)`` of the user's call that started the child.
-        self.site = site
-        self.started_at = _monotonic()
+    def __init__(self, entry: Entry) -> None:
+        self._greenlet, self._parent, self.scope, self.function, self.site, self.started_at = entry
 
     @property
     def greenlet(self) -> greenlet.greenlet | None:
@@ -77,29 +67,38 @@ class HandOff:
         """Seconds since the child was started."""
         return _monotonic() - self.started_at
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HandOff) and self._greenlet == other._greenlet
+
+    def __hash__(self) -> int:
+        return hash(self._greenlet)
+
     def __repr__(self) -> str:
         name = getattr(self.function, "__qualname__", None) or repr(self.function)
         return f"<HandOff {name} from {self.spawn_site} age={self.age:.3f}s scope={self.scope!r}>"
 
 
-def add(child: greenlet.greenlet, record: HandOff) -> None:
-    _live[id(child)] = record
-
-
-def remove(child: greenlet.greenlet) -> HandOff | None:
-    return _live.pop(id(child), None)
+def entry(
+    child: greenlet.greenlet,
+    parent: greenlet.greenlet,
+    scope: Scope | None,
+    function: t.Any,
+    site: Site | None,
+) -> Entry:
+    """The raw registry entry of a hand-off (a tuple: cheap on the spawn path)."""
+    return (_ref(child), _ref(parent), scope, function, site, _monotonic())
 
 
 def live() -> list[HandOff]:
     """A snapshot of the records of all running hand-offs, oldest first."""
-    return sorted(_live.values(), key=lambda r: r.started_at)
+    return sorted(map(HandOff, list(_live.values())), key=lambda r: r.started_at)
 
 
 def record_of(child: greenlet.greenlet) -> HandOff | None:
     """The record of ``child`` if it is a running hand-off."""
-    record = _live.get(id(child))
-    if record is not None and record._greenlet() is child:
-        return record
+    found = _live.get(id(child))
+    if found is not None and found[0]() is child:
+        return HandOff(found)
     return None
 
 

@@ -41,7 +41,7 @@ def test_live_records_describe_each_running_child():
     assert rec.function is work
     assert rec.spawn_site == f"{__file__}:{site_line}"
     assert rec.age >= 0
-    assert registry.record_of(child) is rec
+    assert registry.record_of(child) == rec
     assert registry.for_scope(scope) == [rec]
     assert records[outside].scope is None
     assert "GET /records" in registry.dump() and "work" in registry.dump()

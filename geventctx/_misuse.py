@@ -1,0 +1,43 @@
+"""Spot hand-offs from a Flask request that geventctx does not manage.
+
+Spawning from a request of an app without :class:`geventctx.flask.GeventContext`
+still gives the child the context, but nothing holds the request open for
+it: teardown may run while the child still uses ``request`` or ``g``. That
+deserves one clear warning per app. This module never imports Flask: it
+only looks at it if the application already did.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing as t
+import warnings
+import weakref
+
+from ._site import Site, format_site
+from .errors import MisuseWarning
+
+_warned: weakref.WeakSet[t.Any] = weakref.WeakSet()
+
+
+def check_unmanaged(site: Site | None) -> None:
+    """Warn once per app if a Flask request context is active but unmanaged."""
+    flask_globals = sys.modules.get("flask.globals")
+    if flask_globals is None:
+        return
+    ctx = flask_globals._cv_request.get(None)
+    if ctx is None:
+        return
+    app = ctx.app
+    if app in _warned or "geventctx" in app.extensions:
+        return
+    _warned.add(app)
+    warnings.warn_explicit(
+        f"geventctx.spawn at {format_site(site)} runs in a request of Flask app "
+        f"{app.name!r}, which has no geventctx.flask.GeventContext: the child "
+        "sees the request, but its teardown will not wait for the child. "
+        "Call GeventContext(app) (or .init_app(app)) where the app is created.",
+        MisuseWarning,
+        site[0] if site else "<unknown>",
+        site[1] if site else 0,
+    )

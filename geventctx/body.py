@@ -1,0 +1,150 @@
+"""One request body, read from the socket once, for any number of readers.
+
+When a request hands its context to children, the parent and the children
+may all consume the body (``get_data``, ``form``, ``json``, ``stream``...).
+Reading the socket from two greenlets interleaves partial reads. A
+:class:`SharedBody` is read from the real input once, by whoever asks first,
+under a per-request lock; every reader then gets the complete body, each
+greenlet through its own cursor. If reading fails (client gone, bad chunking,
+too large) or the reader is killed mid-read, every reader gets the same
+error; no one gets partial data, and no one hangs.
+
+The cost is that the whole body is held in memory once read: use the
+``off`` body mode for streaming uploads that only the parent reads.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import io
+import typing as t
+import weakref
+
+from gevent.lock import RLock
+from greenlet import GreenletExit, getcurrent
+
+from .errors import BodyReadError
+
+__all__ = ["SharedBody"]
+
+#: Body modes: serialize-and-share on first read, read eagerly in the parent
+#: at the first hand-off, or leave the body alone.
+BODY_MODES = ("lock", "buffer", "off")
+
+
+class SharedBody(io.RawIOBase):
+    """A file-like request body shared by the greenlets of one request.
+
+    :param open_stream: returns the real, bounded input stream (such as
+        Werkzeug's ``LimitedStream``); called once, by the first reader.
+    :param length: the ``Content-Length``, if known.
+    """
+
+    def __init__(self, open_stream: t.Callable[[], t.IO[bytes]], length: int | None = None) -> None:
+        super().__init__()
+        self._open_stream = open_stream
+        self.length = length
+        #: Serializes the read of the body and any parse of it (reentrant).
+        self.lock = RLock()
+        self._data: bytes | None = None
+        self._error: BaseException | None = None
+        self._cursors: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """True once the body was read completely."""
+        return self._data is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that stopped the read, if any."""
+        return self._error
+
+    def load(self) -> bytes:
+        """Read the whole body once (under the lock) and return it.
+
+        Raises the error that stopped the first read, to every caller.
+        """
+        data = self._data
+        if data is not None:
+            return data
+        with self.lock:
+            if self._data is None:
+                if self._error is not None:
+                    raise self._error
+                self._read_all()
+            assert self._data is not None
+            return self._data
+
+    def try_load(self) -> None:
+        """Read the body now if it was not; keep any error for the readers."""
+        try:
+            self.load()
+        except Exception:
+            pass
+
+    def _read_all(self) -> None:
+        try:
+            self._data = self._open_stream().read()
+        except GreenletExit:
+            self._error = BodyReadError(
+                "the greenlet reading the request body was killed mid-read; "
+                "the body is lost and cannot be read again"
+            )
+            raise
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._open_stream = _closed_stream
+
+    # -- file-like, one cursor per greenlet --------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def _take(self, size: int | None) -> bytes:
+        data = self.load()
+        reader = getcurrent()
+        pos = self._cursors.get(reader, 0)
+        if size is None or size < 0:
+            end = len(data)
+        else:
+            end = min(len(data), pos + size)
+        self._cursors[reader] = end
+        if pos == 0 and end == len(data):
+            return data
+        return data[pos:end]
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._take(size)
+
+    def readall(self) -> bytes:
+        return self._take(-1)
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self._take(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = self.load()
+        reader = getcurrent()
+        pos = self._cursors.get(reader, 0)
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end + 1
+        if size is not None and size >= 0:
+            end = min(end, pos + size)
+        self._cursors[reader] = end
+        return data[pos:end]
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else ("failed" if self._error else "unread")
+        return f"<SharedBody {state} length={self.length}>"
+
+
+def _closed_stream() -> t.IO[bytes]:
+    raise BodyReadError("the request body was already read")

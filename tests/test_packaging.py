@@ -1,0 +1,37 @@
+"""The package as a newcomer meets it: imports without Flask, demo runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_without_flask_installed():
+    # sys.modules[name] = None makes any `import flask` raise ImportError,
+    # as on a machine without Flask.
+    code = (
+        "import sys\n"
+        "sys.modules['flask'] = None\n"
+        "import geventctx, geventctx.pool, geventctx.registry, geventctx.body\n"
+        "assert geventctx.spawn(lambda: 1).get() == 1\n"
+        "print('ok', 'flask' in sys.modules and sys.modules['flask'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok False"
+
+
+def test_py_typed_marker_ships():
+    assert (ROOT / "geventctx" / "py.typed").exists()
+
+
+def test_demo_runs_and_checks_what_it_shows():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py")], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "All demonstrated behaviour checked." in out.stdout
+    assert "BAD" not in out.stdout
