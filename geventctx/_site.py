@@ -26,11 +26,26 @@ def is_internal(filename: str) -> bool:
     return filename.startswith(_INTERNAL_DIRS)
 
 
-def site_of(frame: types.FrameType | None) -> Site | None:
-    """The first frame at or above ``frame`` that is user code, as a site."""
+def package_dirs(*modules: str) -> tuple[str, ...]:
+    """Directories of the named (imported) packages, for ``site_of(skip=...)``."""
+    import sys
+
+    dirs = []
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    return tuple(dirs)
+
+
+def site_of(frame: types.FrameType | None, skip: tuple[str, ...] = _INTERNAL_DIRS) -> Site | None:
+    """The first frame at or above ``frame`` that is user code, as a site.
+
+    ``skip`` lists directory prefixes whose frames are not user code.
+    """
     while frame is not None:
         code = frame.f_code
-        if not code.co_filename.startswith(_INTERNAL_DIRS):
+        if not code.co_filename.startswith(skip):
             return (code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return None

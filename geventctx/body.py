@@ -26,7 +26,7 @@ from greenlet import GreenletExit, getcurrent
 
 from .errors import BodyReadError
 
-__all__ = ["SharedBody"]
+__all__ = ["SharedBody", "SharedFile"]
 
 #: Body modes: serialize-and-share on first read, read eagerly in the parent
 #: at the first hand-off, or leave the body alone.
@@ -144,6 +144,68 @@ class SharedBody(io.RawIOBase):
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else ("failed" if self._error else "unread")
         return f"<SharedBody {state} length={self.length}>"
+
+
+class SharedFile(io.RawIOBase):
+    """A seekable file (an uploaded file's spool) read by several greenlets.
+
+    Each greenlet reads the file from the start through its own position, so
+    a file read by the parent is still complete for a child. ``seek`` and
+    ``tell`` move the calling greenlet's position only.
+    """
+
+    def __init__(self, file: t.IO[bytes]) -> None:
+        super().__init__()
+        self.file = file
+        self._positions: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _at(self) -> int:
+        return self._positions.get(getcurrent(), 0)
+
+    def read(self, size: int | None = -1) -> bytes:
+        # Local file reads do not switch greenlets, so seek+read is atomic.
+        self.file.seek(self._at())
+        data = self.file.read(-1 if size is None else size)
+        self._positions[getcurrent()] = self.file.tell()
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self.file.seek(self._at())
+        data = self.file.readline(-1 if size is None else size)
+        self._positions[getcurrent()] = self.file.tell()
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._at()
+        elif whence == io.SEEK_END:
+            offset += self.file.seek(0, io.SEEK_END)
+        self._positions[getcurrent()] = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._at()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.file, name)
 
 
 def _closed_stream() -> t.IO[bytes]:

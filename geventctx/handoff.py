@@ -146,6 +146,8 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         check_unmanaged(site)
     elif scope._holders > 0:
         scope._holders += 1
+        if scope.on_handoff is not None:
+            scope.on_handoff()
     else:
         _late(scope, site)
         scope = None

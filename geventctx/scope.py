@@ -62,6 +62,8 @@ class Scope:
         "owner_done_at",
         "response_started",
         "extras",
+        "parent",
+        "on_handoff",
         "__weakref__",
     )
 
@@ -82,6 +84,12 @@ class Scope:
         self.response_started = False
         #: Per-scope state of adapters (body lock, session guard, ...).
         self.extras: dict[str, t.Any] = {}
+        #: An enclosing scope this one holds until it has closed (a Flask
+        #: request inside the WSGI middleware's request), or ``None``.
+        self.parent: Scope | None = None
+        #: Called (with no arguments) when a hand-off acquires the scope, if
+        #: set; adapters use it to act at the first hand-off of a request.
+        self.on_handoff: t.Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"holders={self._holders}"
@@ -106,6 +114,8 @@ class Scope:
         if self._holders <= 0:
             return False
         self._holders += 1
+        if self.on_handoff is not None:
+            self.on_handoff()
         return True
 
     def release(self) -> None:
@@ -140,6 +150,13 @@ class Scope:
         else:
             self._callbacks.append((callback, args))
 
+    def hold_parent(self, parent: Scope) -> bool:
+        """Hold ``parent`` until this scope has closed and run its callbacks."""
+        if not parent.acquire():
+            return False
+        self.parent = parent
+        return True
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the scope closed and its callbacks ran; ``False`` on timeout."""
         if self._done:
@@ -170,6 +187,9 @@ class Scope:
             self._done = True
             if self._closed_event is not None:
                 self._closed_event.set()
+            parent, self.parent = self.parent, None
+            if parent is not None:
+                parent.release()
 
     def _run_one(self, callback: t.Callable[..., t.Any], args: tuple[t.Any, ...]) -> None:
         try:

@@ -43,3 +43,20 @@ def collect() -> t.Callable[[], None]:
         gc.collect()
 
     return run
+
+
+@pytest.fixture
+def serve() -> t.Iterator[t.Callable[..., t.Any]]:
+    """``serve(app)`` starts a real gevent.pywsgi server on 127.0.0.1."""
+    from httpkit import Server
+
+    servers: list[Server] = []
+
+    def start(app: t.Any, **kwargs: t.Any) -> Server:
+        server = Server(app, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,53 @@
+"""Log a request child's exception once, with its request and spawn site.
+
+gevent prints every greenlet's uncaught exception to stderr through the
+hub's ``handle_error``. For hand-offs that hold a request scope, the hook
+installed here logs the error through ``logging.getLogger("geventctx")``
+instead, naming the request (method and path) and the user's spawn line —
+once, not twice. Other greenlets, and system errors, go to gevent as before.
+The hook uses gevent's documented per-hub ``handle_error`` override.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+
+from gevent import get_hub
+
+from . import registry
+from ._site import format_site
+
+log = logging.getLogger("geventctx")
+
+_MARK = "_geventctx_error_hook"
+
+
+def install(hub: t.Any = None) -> None:
+    """Install the hook on ``hub`` (default: this thread's), once."""
+    hub = hub if hub is not None else get_hub()
+    if getattr(hub, _MARK, False):
+        return
+    original = hub.handle_error
+
+    def handle_error(context: t.Any, type_: t.Any, value: t.Any, tb: t.Any) -> None:
+        if context is not None and isinstance(type_, type) and not issubclass(
+            type_, hub.SYSTEM_ERROR + hub.NOT_ERROR
+        ):
+            entry = registry._live.get(id(context))
+            if entry is not None and entry[0]() is context and entry[2] is not None:
+                function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
+                log.error(
+                    "child %s of request %s (spawned at %s) failed",
+                    function,
+                    entry[2].label,
+                    format_site(entry[4]),
+                    exc_info=(type_, value, tb),
+                )
+                return
+        original(context, type_, value, tb)
+
+    hub.handle_error = handle_error
+    setattr(hub, _MARK, True)

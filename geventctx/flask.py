@@ -1,0 +1,387 @@
+"""The Flask extension: a request scope per request, wired to Flask's lifecycle.
+
+.. code-block:: python
+
+    from geventctx.flask import GeventContext
+
+    app = Flask(__name__)
+    GeventContext(app)          # or: ext = GeventContext(); ext.init_app(app)
+
+With the extension, a child handed a request's context (``geventctx.spawn``,
+the pools, the executor):
+
+- sees the parent's ``request``, ``session``, ``g`` and ``current_app``
+  objects, not copies (G3);
+- delays ``teardown_request``, ``request.close()`` and
+  ``teardown_appcontext`` until it ends; they run once, in Flask's order,
+  with the view's exception, seeing ``request`` and ``g`` (G4). The response
+  is not delayed;
+- reads the same body as everyone else (G5), and is warned when it changes
+  the session, or calls ``after_this_request``, too late (G6, G7);
+- has its exception logged once with the request and spawn site (G11).
+
+Configuration (``app.config``), with defaults:
+
+``GEVENTCTX_BODY = "lock"``
+    ``"lock"``: the first body consumer reads the whole body once under a
+    per-request lock, every consumer in every greenlet gets the complete,
+    identical body. ``"buffer"``: the same, but the parent reads the body at
+    its first hand-off if ``Content-Length`` is at most
+    ``GEVENTCTX_BODY_BUFFER_LIMIT``. ``"off"``: Werkzeug's own behaviour
+    (streaming; unsafe to share).
+``GEVENTCTX_BODY_BUFFER_LIMIT = 10 * 1024 * 1024``
+    Largest body ``"buffer"`` reads eagerly, in bytes.
+``GEVENTCTX_SESSION_AFTER_RESPONSE = "warn"``
+    A session change after the session was saved: ``"warn"``
+    (:class:`~geventctx.SessionMutationWarning` at the changing line),
+    ``"error"`` (raise :class:`~geventctx.SessionMutationError`) or
+    ``"ignore"``.
+``GEVENTCTX_LATE_EFFECTS = "warn"``
+    ``after_this_request`` after the response was processed: ``"warn"``
+    (:class:`~geventctx.LateEffectWarning`), ``"error"`` or ``"ignore"``.
+``GEVENTCTX_STRAGGLER_TIMEOUT = 30.0``
+    Seconds after the response after which children still running are
+    logged with their spawn site; ``None`` or ``0`` turns it off.
+``GEVENTCTX_STRAGGLER_POLICY = "wait"``
+    What happens to stragglers after they were logged: ``"wait"`` (teardown
+    keeps waiting for them) or ``"kill"``.
+``GEVENTCTX_LOG_CHILD_ERRORS = True``
+    Log request children's exceptions through ``logging.getLogger("geventctx")``
+    instead of gevent's stderr printing.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import sys
+import typing as t
+import warnings
+from contextvars import copy_context
+
+from flask import Flask
+from flask.globals import _cv_app, _cv_request
+from flask.sessions import SessionInterface
+from flask.signals import request_finished, request_started
+from werkzeug.datastructures import CallbackDict
+from werkzeug.wsgi import get_input_stream
+
+from . import errorlog, stragglers
+from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
+from .body import BODY_MODES, SharedBody, SharedFile
+from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
+from .scope import Scope
+
+__all__ = ["GeventContext", "DEFAULTS"]
+
+#: Every configuration key and its default.
+DEFAULTS: dict[str, t.Any] = {
+    "GEVENTCTX_BODY": "lock",
+    "GEVENTCTX_BODY_BUFFER_LIMIT": 10 * 1024 * 1024,
+    "GEVENTCTX_SESSION_AFTER_RESPONSE": "warn",
+    "GEVENTCTX_LATE_EFFECTS": "warn",
+    "GEVENTCTX_STRAGGLER_TIMEOUT": 30.0,
+    "GEVENTCTX_STRAGGLER_POLICY": "wait",
+    "GEVENTCTX_LOG_CHILD_ERRORS": True,
+}
+_POLICIES = ("warn", "error", "ignore")
+
+#: Where the WSGI middleware keeps its scope and shared body in the environ.
+ENVIRON_SCOPE = "geventctx.scope"
+ENVIRON_BODY = "geventctx.body"
+
+_sentinel: t.Any = object()
+
+
+# -- Flask internals, in one place --------------------------------------------
+# Flask 2.3-3.1 keep a RequestContext and an AppContext in two context
+# variables; the request context remembers the app context it pushed. Flask
+# 3.2 merges the two: only these helpers should need to change.
+
+
+def _request_ctx() -> t.Any:
+    return _cv_request.get(None)
+
+
+def _app_ctx() -> t.Any:
+    return _cv_app.get(None)
+
+
+def _app_ctx_pushed_by(ctx: t.Any) -> t.Any:
+    """The app context ``ctx`` pushed for itself (None if one was active)."""
+    tokens = getattr(ctx, "_cv_tokens", None)
+    return tokens[-1][1] if tokens else None
+
+
+# -- warnings at the user's line -------------------------------------------------
+
+
+def _user_site() -> Site | None:
+    skip = _INTERNAL_DIRS + package_dirs("flask", "werkzeug")
+    return site_of(sys._getframe(2), skip)
+
+
+def _late(policy: str, category: type[Warning], message: str, site: Site | None) -> None:
+    if policy == "ignore":
+        return
+    if policy == "error":
+        raise (SessionMutationError if category is SessionMutationWarning else RuntimeError)(message)
+    if site is None:
+        warnings.warn(message, category, stacklevel=3)
+    else:
+        warnings.warn_explicit(message, category, site[0], site[1])
+
+
+# -- per-request guards ----------------------------------------------------------
+
+
+class _AfterRequestList(list):  # type: ignore[type-arg]
+    """``ctx._after_request_functions`` that notices appends made too late."""
+
+    sealed = False
+    policy = "warn"
+    label = ""
+
+    def append(self, function: t.Any) -> None:
+        if self.sealed:
+            name = getattr(function, "__qualname__", function)
+            _late(
+                self.policy,
+                LateEffectWarning,
+                f"after_this_request({name}) was called after the response of "
+                f"{self.label} was processed: it will never run",
+                _user_site(),
+            )
+        super().append(function)
+
+
+def _seal_session(session: t.Any, scope: Scope, policy: str) -> None:
+    """From now on, a change to ``session`` cannot reach the client."""
+    if policy == "ignore" or scope.extras.get("session_sealed"):
+        return
+    scope.extras["session_sealed"] = True
+    message = (
+        f"the session of {scope.label} was changed after it was saved in the response; "
+        "the change is lost (change it before the view returns, or store it elsewhere)"
+    )
+    if isinstance(session, CallbackDict):
+        before = session.on_update
+
+        def on_update(changed: t.Any) -> None:
+            if before is not None:
+                before(changed)
+            _late(policy, SessionMutationWarning, message, _user_site())
+
+        session.on_update = on_update
+    else:
+        # Not a CallbackDict: compare at teardown, when every child is done.
+        saved = dict(session)
+
+        def compare() -> None:
+            if dict(session) != saved:
+                _late(policy, SessionMutationWarning, message + " (noticed at teardown)", None)
+
+        scope.on_close(compare)
+
+
+class _GuardedSessionInterface(SessionInterface):
+    """Delegates to the app's session interface; seals the session once saved."""
+
+    def __init__(self, inner: SessionInterface, ext: GeventContext) -> None:
+        self.inner = inner
+        self._ext = ext
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.inner, name)
+
+    def make_null_session(self, app: Flask) -> t.Any:
+        return self.inner.make_null_session(app)
+
+    def is_null_session(self, obj: object) -> bool:
+        return self.inner.is_null_session(obj)
+
+    def open_session(self, app: Flask, request: t.Any) -> t.Any:
+        return self.inner.open_session(app, request)
+
+    def save_session(self, app: Flask, session: t.Any, response: t.Any) -> None:
+        self.inner.save_session(app, session, response)
+        ctx = _request_ctx()
+        scope = getattr(ctx, "_geventctx_scope", None)
+        if scope is not None:
+            _seal_session(session, scope, app.config["GEVENTCTX_SESSION_AFTER_RESPONSE"])
+
+
+# -- the extension ---------------------------------------------------------------
+
+
+class GeventContext:
+    """Manage each request of a Flask app as a geventctx request scope.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register with ``app``: config defaults, signals and teardown deferral."""
+        if "geventctx" in app.extensions:
+            return
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        _check_config(app.config)
+        app.extensions["geventctx"] = self
+        request_started.connect(self._request_started, app, weak=False)
+        request_finished.connect(self._request_finished, app, weak=False)
+        # Flask calls these on the app during RequestContext/AppContext.pop;
+        # instance attributes let us defer them for this app only.
+        original_request = app.do_teardown_request
+        original_appctx = app.do_teardown_appcontext
+        app.do_teardown_request = lambda exc=_sentinel: self._teardown_request(original_request, exc)  # type: ignore[method-assign]
+        app.do_teardown_appcontext = lambda exc=_sentinel: self._teardown_appctx(original_appctx, exc)  # type: ignore[method-assign]
+        if not isinstance(app.session_interface, _GuardedSessionInterface):
+            app.session_interface = _GuardedSessionInterface(app.session_interface, self)
+
+    # -- request start ----------------------------------------------------------
+
+    def _request_started(self, app: Flask, **_: t.Any) -> None:
+        ctx = _request_ctx()
+        if ctx is None or getattr(ctx, "_geventctx_scope", None) is not None:
+            return
+        config = app.config
+        request = ctx.request
+        environ = request.environ
+        scope = Scope(f"{request.method} {request.path}")
+        outer = environ.get(ENVIRON_SCOPE)
+        if isinstance(outer, Scope):
+            scope.hold_parent(outer)  # the WSGI middleware's request
+        ctx._geventctx_scope = scope
+        ctx._geventctx_token = scope.enter()
+        app_ctx = _app_ctx_pushed_by(ctx)
+        if app_ctx is not None:
+            app_ctx._geventctx_scope = scope
+
+        mode = config["GEVENTCTX_BODY"]
+        if mode != "off":
+            body = _share_body(request, environ)
+            scope.extras["body"] = body
+            if mode == "buffer":
+                limit = config["GEVENTCTX_BODY_BUFFER_LIMIT"]
+
+                def buffer_at_first_handoff() -> None:
+                    scope.on_handoff = None
+                    if body.length is not None and body.length <= limit:
+                        body.try_load()
+
+                scope.on_handoff = buffer_at_first_handoff
+
+        late = _AfterRequestList(ctx._after_request_functions)
+        late.policy = config["GEVENTCTX_LATE_EFFECTS"]
+        late.label = scope.label
+        ctx._after_request_functions = late
+        scope.extras["after_request"] = late
+
+        close = getattr(request, "close", None)
+        if close is not None:
+            request.close = lambda: scope.on_close(close)
+
+        if config["GEVENTCTX_LOG_CHILD_ERRORS"]:
+            errorlog.install()
+
+    def _request_finished(self, app: Flask, **_: t.Any) -> None:
+        scope = getattr(_request_ctx(), "_geventctx_scope", None)
+        if scope is not None:
+            scope.response_started = True
+            scope.extras["after_request"].sealed = True
+
+    # -- teardown, deferred until the last child ends -------------------------------
+
+    def _teardown_request(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
+        ctx = _request_ctx()
+        scope: Scope | None = getattr(ctx, "_geventctx_scope", None)
+        if scope is None or scope.owner_done:
+            original(exc)
+            return
+        if exc is _sentinel:
+            exc = sys.exc_info()[1]
+        Scope.exit(ctx._geventctx_token)
+        late = scope.extras["after_request"]
+        late.sealed = True
+        if scope.holders > 1:
+            # Children outlive the view: make sure the body they may still
+            # read is off the socket before the server discards it.
+            body = scope.extras.get("body")
+            if body is not None and not body.loaded:
+                body.try_load()
+            config = ctx.app.config
+            stragglers.watch(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
+        # Runs now if no child holds the scope, else when the last one ends;
+        # the snapshot keeps request and g visible to teardown functions.
+        scope.on_close(copy_context().run, original, exc)
+        scope.finish()
+
+    def _teardown_appctx(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
+        app_ctx = _app_ctx()
+        scope: Scope | None = getattr(app_ctx, "_geventctx_scope", None)
+        if scope is None:
+            original(exc)
+            return
+        app_ctx._geventctx_scope = None
+        if exc is _sentinel:
+            exc = sys.exc_info()[1]
+        scope.on_close(copy_context().run, original, exc)
+
+
+def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
+    """Route every body consumer of ``request`` through one SharedBody."""
+    body = environ.get(ENVIRON_BODY)
+    if not isinstance(body, SharedBody):
+        raw = environ["wsgi.input"]
+
+        def open_stream() -> t.IO[bytes]:
+            raw_environ = dict(environ)
+            raw_environ["wsgi.input"] = raw
+            return get_input_stream(raw_environ, max_content_length=request.max_content_length)
+
+        body = SharedBody(open_stream, request.content_length)
+        environ[ENVIRON_BODY] = body
+        environ["wsgi.input"] = body
+    # Werkzeug reads the body through `stream` (a cached property) from
+    # get_data() and the form parser; give it the shared body, and make sure
+    # every consumer sees the whole body, whoever read first.
+    request.__dict__["stream"] = body
+    get_data = request.get_data
+    load_form_data = request._load_form_data
+
+    def shared_get_data(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        with body.lock:
+            if getattr(request, "_cached_data", None) is None:
+                request._cached_data = body.load()
+            return get_data(*args, **kwargs)
+
+    def shared_load_form_data() -> None:
+        with body.lock:
+            if "form" not in request.__dict__:
+                if getattr(request, "_cached_data", None) is None:
+                    request._cached_data = body.load()
+                load_form_data()
+                request.__dict__["stream"] = body
+                for _name, upload in request.__dict__["files"].items(multi=True):
+                    upload.stream = SharedFile(upload.stream)
+
+    request.get_data = shared_get_data
+    request._load_form_data = shared_load_form_data
+    return body
+
+
+def _check_config(config: t.Mapping[str, t.Any]) -> None:
+    checks = {
+        "GEVENTCTX_BODY": BODY_MODES,
+        "GEVENTCTX_SESSION_AFTER_RESPONSE": _POLICIES,
+        "GEVENTCTX_LATE_EFFECTS": _POLICIES,
+        "GEVENTCTX_STRAGGLER_POLICY": stragglers.POLICIES,
+    }
+    for key, allowed in checks.items():
+        if config[key] not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, not {config[key]!r}")

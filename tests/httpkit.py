@@ -1,0 +1,174 @@
+"""A real gevent.pywsgi server on 127.0.0.1 and a raw-socket HTTP/1.1 client.
+
+The client speaks HTTP by hand so that tests control every byte and every
+pause: Content-Length bodies trickled in pieces, chunked bodies, malformed
+chunking, and clients that vanish mid-upload. It uses gevent sockets, so the
+server and the client share the test's hub. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import typing as t
+from dataclasses import dataclass, field
+
+import gevent
+from gevent import socket
+from gevent.pywsgi import WSGIServer
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, list[str]] = field(default_factory=dict)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return ", ".join(values) if values else None
+
+    def json(self) -> t.Any:
+        return _json.loads(self.body)
+
+
+class Server:
+    """A pywsgi server bound to 127.0.0.1 on a free port, in this hub."""
+
+    def __init__(self, app: t.Any, **kwargs: t.Any) -> None:
+        kwargs.setdefault("log", None)
+        self.server = WSGIServer(("127.0.0.1", 0), app, **kwargs)
+        self.server.start()
+        self.port: int = self.server.server_port
+
+    def stop(self, timeout: float = 5) -> None:
+        self.server.stop(timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: t.Any) -> Response:
+        return request(self.port, method, path, **kwargs)
+
+
+def _encode_request(
+    method: str, path: str, headers: dict[str, str], body_length: int | None, chunked: bool
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    elif body_length is not None:
+        lines.append(f"Content-Length: {body_length}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    chunks: t.Sequence[bytes] | None = None,
+    raw_body: bytes | None = None,
+    content_length: int | None = None,
+    piece: int = 0,
+    delay: float = 0.0,
+    disconnect_after: int | None = None,
+    timeout: float = 15.0,
+) -> Response | None:
+    """Send one request over a fresh connection and read the whole response.
+
+    - ``body``: sent with Content-Length, in ``piece``-byte writes with
+      ``delay`` seconds between them when ``piece`` is set (a slow client).
+    - ``chunks``: sent with ``Transfer-Encoding: chunked``, ``delay`` apart.
+    - ``raw_body``: bytes sent as they are after the headers (malformed
+      chunking); add ``chunked=True`` semantics with a header yourself.
+    - ``content_length``: announce this length instead of ``len(body)``.
+    - ``disconnect_after``: close the socket after sending that many body
+      bytes; returns ``None`` (the client is gone).
+    """
+    headers = dict(headers or {})
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        with gevent.Timeout(timeout, TimeoutError(f"{method} {path}: no response in {timeout}s")):
+            if chunks is not None:
+                sock.sendall(_encode_request(method, path, headers, None, True))
+                for chunk in chunks:
+                    if delay:
+                        gevent.sleep(delay)
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sock.sendall(b"0\r\n\r\n")
+            elif raw_body is not None:
+                sock.sendall(_encode_request(method, path, headers, None, False) + raw_body)
+            else:
+                data = body or b""
+                length = content_length if content_length is not None else (len(data) if body is not None else None)
+                sock.sendall(_encode_request(method, path, headers, length, False))
+                limit = len(data) if disconnect_after is None else disconnect_after
+                step = piece or max(limit, 1)
+                sent = 0
+                while sent < limit:
+                    if delay and sent:
+                        gevent.sleep(delay)
+                    sock.sendall(data[sent : min(sent + step, limit)])
+                    sent += step
+                if disconnect_after is not None:
+                    return None
+            return _read_response(sock)
+    finally:
+        sock.close()
+
+
+def _read_response(sock: t.Any) -> Response:
+    buf = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    if "chunked" in ",".join(headers.get("transfer-encoding", [])).lower():
+        rest = _dechunk(rest)
+    return Response(status, headers, rest)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return out
+
+
+def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 5.0, message: str = "condition") -> None:
+    """Let the hub run until ``predicate()`` is true; fail after ``timeout``."""
+    deadline = gevent.get_hub().loop.now() + timeout
+    while not predicate():
+        if gevent.get_hub().loop.now() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        gevent.sleep(0.005)
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]], boundary: str = "geventctxBOUNDARY") -> tuple[bytes, str]:
+    """Encode a multipart/form-data body; returns (body, content type)."""
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n"
+        )
+    for name, (filename, content) in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + content
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
