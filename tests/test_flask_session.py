@@ -1,0 +1,243 @@
+"""G6 and G7 over a real server: the session and other late effects."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import gevent
+import pytest
+from flask import Flask, after_this_request, session
+from flask.sessions import SessionInterface, SessionMixin
+from gevent.event import Event
+
+import geventctx
+from geventctx.flask import GeventContext
+from httpkit import wait_for
+
+
+def make_app(**config):
+    app = Flask(__name__)
+    app.secret_key = "test-secret"
+    app.config.update(config)
+    GeventContext(app)
+    return app
+
+
+def cookie_of(response):
+    values = response.headers.get("set-cookie", [])
+    return values[0].split(";")[0] if values else None
+
+
+def test_child_mutation_before_response_is_persisted(serve):
+    app = make_app()
+
+    @app.route("/set")
+    def set_():
+        def child():
+            session["cart"] = ["apple"]
+
+        geventctx.spawn(child).join()
+        return "ok"
+
+    @app.route("/get")
+    def get():
+        return {"cart": session.get("cart")}
+
+    server = serve(app)
+    first = server.request("GET", "/set")
+    cookie = cookie_of(first)
+    assert cookie is not None
+    second = server.request("GET", "/get", headers={"Cookie": cookie})
+    assert second.json() == {"cart": ["apple"]}
+
+
+def test_child_mutation_after_save_warns_at_the_users_line(serve):
+    app = make_app()
+    release, done = Event(), Event()
+
+    @app.route("/late")
+    def late():
+        def child():
+            release.wait()
+            try:
+                session["late"] = 1  # LATE-WRITE
+            finally:
+                done.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.SessionMutationWarning, match="GET /late.*after it was saved") as record:
+        response = server.request("GET", "/late")
+        assert response.status == 200
+        assert cookie_of(response) is None  # nothing to save at response time
+        release.set()
+        done.wait(5)
+    (warning,) = [w for w in record if issubclass(w.category, geventctx.SessionMutationWarning)]
+    assert warning.filename == __file__
+    with open(__file__) as source:
+        assert "LATE-WRITE" in source.read().splitlines()[warning.lineno - 1]
+
+
+def test_strict_mode_raises_in_the_child(serve, caplog):
+    app = make_app(GEVENTCTX_SESSION_AFTER_RESPONSE="error")
+    release = Event()
+    outcome = []
+
+    @app.route("/late")
+    def late():
+        def child():
+            release.wait()
+            try:
+                session["late"] = 1
+            except geventctx.SessionMutationError as exc:
+                outcome.append(exc)
+                raise
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with caplog.at_level(logging.ERROR, logger="geventctx"):
+        assert server.request("GET", "/late").status == 200
+        release.set()
+        wait_for(lambda: outcome and not geventctx.registry.live(), message="child to fail")
+    assert isinstance(outcome[0], geventctx.SessionMutationError)
+    assert "SessionMutationError" in caplog.text
+
+
+def test_ignore_mode_stays_silent(serve):
+    app = make_app(GEVENTCTX_SESSION_AFTER_RESPONSE="ignore")
+    release, done = Event(), Event()
+
+    @app.route("/late")
+    def late():
+        def child():
+            release.wait()
+            session["late"] = 1
+            done.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        server.request("GET", "/late")
+        release.set()
+        assert done.wait(5)
+    assert not [w for w in record if issubclass(w.category, geventctx.GeventctxWarning)]
+
+
+def test_teardown_mutation_is_late_too(serve):
+    app = make_app()
+
+    @app.teardown_request
+    def touch(exc):
+        session["from_teardown"] = True
+
+    @app.route("/")
+    def index():
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.SessionMutationWarning):
+        server.request("GET", "/")
+
+
+def test_session_read_only_in_a_child_still_varies_on_cookie(serve):
+    app = make_app()
+
+    @app.route("/child-reads")
+    def child_reads():
+        geventctx.spawn(lambda: session.get("user")).join()
+        return "ok"
+
+    @app.route("/nobody-reads")
+    def nobody_reads():
+        geventctx.spawn(lambda: None).join()
+        return "ok"
+
+    server = serve(app)
+    assert "Cookie" in (server.request("GET", "/child-reads").header("vary") or "")
+    assert "Cookie" not in (server.request("GET", "/nobody-reads").header("vary") or "")
+
+
+class PlainSession(dict, SessionMixin):
+    """A session that is not a CallbackDict: no change notifications."""
+
+
+class PlainSessionInterface(SessionInterface):
+    store: dict[str, dict] = {}
+
+    def open_session(self, app, request):
+        return PlainSession(self.store.get("only", {}))
+
+    def save_session(self, app, session, response):
+        self.store["only"] = dict(session)
+
+
+def test_other_session_types_warn_at_teardown(serve):
+    app = Flask(__name__)
+    app.session_interface = PlainSessionInterface()
+    GeventContext(app)
+    release = Event()
+
+    @app.route("/late")
+    def late():
+        def child():
+            release.wait()
+            session["late"] = 1
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.SessionMutationWarning, match="noticed at teardown"):
+        server.request("GET", "/late")
+        release.set()
+        wait_for(lambda: not geventctx.registry.live(), message="child to end")
+        gevent.sleep(0.05)
+    assert "late" not in PlainSessionInterface.store["only"]
+
+
+def test_after_this_request_from_child_before_response_runs(serve):
+    app = make_app()
+
+    @app.route("/")
+    def index():
+        def child():
+            @after_this_request
+            def add_header(response):
+                response.headers["X-From-Child"] = "yes"
+                return response
+
+        geventctx.spawn(child).join()
+        return "ok"
+
+    assert serve(app).request("GET", "/").header("x-from-child") == "yes"
+
+
+def test_after_this_request_from_child_after_response_warns(serve):
+    app = make_app()
+    release, done = Event(), Event()
+
+    @app.route("/")
+    def index():
+        def child():
+            release.wait()
+            try:
+                after_this_request(lambda response: response)
+            finally:
+                done.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.LateEffectWarning, match="after_this_request.*never run"):
+        server.request("GET", "/")
+        release.set()
+        assert done.wait(5)
