@@ -29,7 +29,7 @@ def check_unmanaged(site: Site | None) -> None:
     if ctx is None:
         return
     app = ctx.app
-    if app in _warned or "geventctx" in app.extensions:
+    if "geventctx" in app.extensions or app in _warned:
         return
     _warned.add(app)
     warnings.warn_explicit(
