@@ -21,10 +21,13 @@ import io
 import typing as t
 import weakref
 
+import gevent
+from gevent.event import Event
 from gevent.lock import RLock
-from greenlet import GreenletExit, getcurrent
+from greenlet import getcurrent
 
 from .errors import BodyReadError
+from .scope import current_scope
 
 __all__ = ["SharedBody", "SharedFile"]
 
@@ -49,6 +52,8 @@ class SharedBody(io.RawIOBase):
         self.lock = RLock()
         self._data: bytes | None = None
         self._error: BaseException | None = None
+        #: Set once the socket read has ended, however it ended.
+        self._read_done: Event | None = None
         self._cursors: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
 
     # -- state -------------------------------------------------------------
@@ -80,26 +85,70 @@ class SharedBody(io.RawIOBase):
             return self._data
 
     def try_load(self) -> None:
-        """Read the body now if it was not; keep any error for the readers."""
+        """Read the body now if it was not; keep any error for the readers.
+
+        Also waits until a read abandoned mid-way (its reader was killed) has
+        taken the rest of the body off the socket, so that the server finds
+        the connection in step when the request ends.
+        """
         try:
             self.load()
         except Exception:
             pass
+        done = self._read_done
+        if done is not None:
+            done.wait()
 
     def _read_all(self) -> None:
+        open_stream, self._open_stream = self._open_stream, _closed_stream
         try:
-            self._data = self._open_stream().read()
-        except GreenletExit:
-            self._error = BodyReadError(
-                "the greenlet reading the request body was killed mid-read; "
-                "the body is lost and cannot be read again"
-            )
-            raise
+            stream = open_stream()
         except BaseException as exc:
             self._error = exc
             raise
+        # The socket is read in a helper greenlet. A read interrupted inside
+        # the server's buffered socket file (the reader was killed, or timed
+        # out) loses the bytes it had taken, and the server would then wait
+        # forever for them when it discards the rest of the body. The helper
+        # is never interrupted: it finishes the read whatever happens to the
+        # greenlet that asked for it.
+        outcome: list[t.Any] = []
+        done = self._read_done = Event()
+        gevent.spawn_raw(_read_into, stream, outcome, done)
+        try:
+            done.wait()
+        except BaseException:
+            if outcome:  # interrupted just after the read ended: keep it
+                self._data, self._error = (outcome[1], None) if outcome[0] else (None, outcome[1])
+            else:
+                self._abandon(done)
+            raise
+        if not outcome[0]:
+            self._error = outcome[1]
+            raise self._error
+        self._data = outcome[1]
+
+    def _abandon(self, done: Event) -> None:
+        # The reader went away mid-read: everyone gets a clear error, never
+        # partial data (the outcome of the read is dropped), and the request
+        # scope stays held until the helper has the body off the socket. The
+        # hold makes the adapter call try_load() at the end of the request
+        # (it does while the scope has other holders), which waits for the
+        # helper: the server must not read the connection while it does.
+        self._error = BodyReadError(
+            "the greenlet reading the request body was killed mid-read; "
+            "the body is lost and cannot be read again"
+        )
+        scope = current_scope()
+        if scope is None or scope.closed:
+            return
+        hook, scope.on_handoff = scope.on_handoff, None  # not a hand-off
+        try:
+            held = scope.acquire()
         finally:
-            self._open_stream = _closed_stream
+            scope.on_handoff = hook
+        if held:
+            done.rawlink(lambda _event: scope.release())
 
     # -- file-like, one cursor per greenlet --------------------------------
 
@@ -206,6 +255,15 @@ class SharedFile(io.RawIOBase):
 
     def __getattr__(self, name: str) -> t.Any:
         return getattr(self.file, name)
+
+
+def _read_into(stream: t.IO[bytes], outcome: list[t.Any], done: Event) -> None:
+    try:
+        outcome += (True, stream.read())
+    except BaseException as exc:  # handed to the reader, never to the hub
+        outcome += (False, exc)
+    finally:
+        done.set()
 
 
 def _closed_stream() -> t.IO[bytes]:

@@ -24,6 +24,13 @@ log = logging.getLogger("geventctx")
 
 _MARK = "_geventctx_error_hook"
 
+#: Set this key in a scope's ``extras`` to leave its children's errors to
+#: gevent: the hook is per hub, the choice is per app (or per scope).
+OPT_OUT = "errorlog.off"
+
+#: Attribute marking an exception instance that was logged already.
+_LOGGED = "_geventctx_logged"
+
 
 def install(hub: t.Any = None) -> None:
     """Install the hook on ``hub`` (default: this thread's), once."""
@@ -37,7 +44,20 @@ def install(hub: t.Any = None) -> None:
             type_, hub.SYSTEM_ERROR + hub.NOT_ERROR
         ):
             entry = registry._live.get(id(context))
-            if entry is not None and entry[0]() is context and entry[2] is not None:
+            if (
+                entry is not None
+                and entry[0]() is context
+                and entry[2] is not None
+                and not entry[2].extras.get(OPT_OUT)
+            ):
+                if getattr(value, _LOGGED, False):
+                    # The error of a child this one waited on, re-raised
+                    # (Pool.map's helper): already logged, with the same site.
+                    return
+                try:
+                    setattr(value, _LOGGED, True)
+                except Exception:  # an exception type without attributes
+                    pass
                 function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
                 log.error(
                     "child %s of request %s (spawned at %s) failed",

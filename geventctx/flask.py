@@ -60,11 +60,13 @@ import warnings
 from contextvars import copy_context
 
 from flask import Flask
+from gevent.pywsgi import _InvalidClientInput
 from flask.globals import _cv_app, _cv_request
 from flask.sessions import SessionInterface
 from flask.signals import request_finished, request_started
 from werkzeug.datastructures import CallbackDict
-from werkzeug.wsgi import get_input_stream
+from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
+from werkzeug.wsgi import LimitedStream, get_input_stream
 
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
@@ -284,10 +286,14 @@ class GeventContext:
 
         close = getattr(request, "close", None)
         if close is not None:
-            request.close = lambda: scope.on_close(close)
+            # Flask calls it with the request context still pushed; a deferred
+            # close must see it too (request, g), like teardown functions.
+            request.close = lambda: scope.on_close(copy_context().run, close)
 
         if config["GEVENTCTX_LOG_CHILD_ERRORS"]:
             errorlog.install()
+        else:
+            scope.extras[errorlog.OPT_OUT] = True
 
     def _request_finished(self, app: Flask, **_: t.Any) -> None:
         scope = getattr(_request_ctx(), "_geventctx_scope", None)
@@ -339,10 +345,18 @@ def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
     if not isinstance(body, SharedBody):
         raw = environ["wsgi.input"]
 
-        def open_stream() -> t.IO[bytes]:
+        def open_stream() -> _WholeBody:
             raw_environ = dict(environ)
             raw_environ["wsgi.input"] = raw
-            return get_input_stream(raw_environ, max_content_length=request.max_content_length)
+            limit = request.max_content_length
+            stream = get_input_stream(raw_environ, max_content_length=limit)
+            if limit is not None and request.content_length is None and isinstance(stream, LimitedStream):
+                # A body of unknown length (chunked) on a server that ends
+                # its input itself: Werkzeug's max-limited stream stops
+                # silently at the limit, which would hand every reader a
+                # truncated body. Read one byte past it to tell them apart.
+                return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
+            return _WholeBody(stream, None)
 
         body = SharedBody(open_stream, request.content_length)
         environ[ENVIRON_BODY] = body
@@ -373,6 +387,32 @@ def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
     request.get_data = shared_get_data
     request._load_form_data = shared_load_form_data
     return body
+
+
+class _WholeBody:
+    """Reads the real input whole, turning what went wrong into a 4xx.
+
+    Too large is ``RequestEntityTooLarge`` (413). Bytes the server could not
+    parse as chunked encoding (pywsgi's ``_InvalidClientInput``) are a
+    ``BadRequest`` (400), and any other socket error, such as the client
+    going away mid-upload, is ``ClientDisconnected`` (400): every reader of
+    the shared body then gets that same error.
+    """
+
+    def __init__(self, stream: t.IO[bytes], limit: int | None) -> None:
+        self.stream = stream
+        self.limit = limit
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.stream.read()
+        except _InvalidClientInput as exc:
+            raise BadRequest(f"malformed request body: {exc}") from exc
+        except OSError as exc:
+            raise ClientDisconnected(f"the request body could not be read completely: {exc}") from exc
+        if self.limit is not None and len(data) > self.limit:
+            raise RequestEntityTooLarge()
+        return data
 
 
 def _check_config(config: t.Mapping[str, t.Any]) -> None:
