@@ -29,7 +29,10 @@ from greenlet import getcurrent
 from .errors import BodyReadError
 from .scope import current_scope
 
-__all__ = ["SharedBody", "SharedFile"]
+__all__ = ["SharedBody", "SharedFile", "share_wsgi_input", "ENVIRON_BODY"]
+
+#: Where the shared body of a request is kept in its WSGI environ.
+ENVIRON_BODY = "geventctx.body"
 
 #: Body modes: serialize-and-share on first read, read eagerly in the parent
 #: at the first hand-off, or leave the body alone.
@@ -55,6 +58,8 @@ class SharedBody(io.RawIOBase):
         #: Set once the socket read has ended, however it ended.
         self._read_done: Event | None = None
         self._cursors: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
+        #: Asked when the body is first read: the largest body allowed.
+        self.max_length: t.Callable[[], int | None] = lambda: None
 
     # -- state -------------------------------------------------------------
 
@@ -255,6 +260,82 @@ class SharedFile(io.RawIOBase):
 
     def __getattr__(self, name: str) -> t.Any:
         return getattr(self.file, name)
+
+
+def share_wsgi_input(
+    environ: dict[str, t.Any], max_length: t.Callable[[], int | None] = lambda: None
+) -> SharedBody:
+    """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
+
+    ``max_length()`` is asked when the body is first read (a framework's
+    ``MAX_CONTENT_LENGTH``). A second call for the same request (a second
+    adapter) returns the same body and makes its limit the one that counts.
+    """
+    body = environ.get(ENVIRON_BODY)
+    if isinstance(body, SharedBody):
+        body.max_length = max_length
+        return body
+    raw = environ["wsgi.input"]
+    length = _content_length(environ)
+
+    def open_stream() -> _WholeBody:
+        from werkzeug.wsgi import LimitedStream, get_input_stream
+
+        raw_environ = dict(environ)
+        raw_environ["wsgi.input"] = raw
+        limit = body.max_length()
+        stream = get_input_stream(raw_environ, max_content_length=limit)
+        if limit is not None and length is None and isinstance(stream, LimitedStream):
+            # A body of unknown length (chunked) on a server that ends its
+            # input itself: Werkzeug's max-limited stream stops silently at
+            # the limit, which would hand every reader a truncated body.
+            # Read one byte past it to tell them apart.
+            return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
+        return _WholeBody(stream, None)
+
+    body = SharedBody(open_stream, length)
+    body.max_length = max_length
+    environ[ENVIRON_BODY] = body
+    environ["wsgi.input"] = body
+    return body
+
+
+def _content_length(environ: dict[str, t.Any]) -> int | None:
+    try:
+        value = int(environ.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+class _WholeBody:
+    """Reads the real input whole, turning what went wrong into a 4xx.
+
+    Too large is ``RequestEntityTooLarge`` (413). Bytes the server could not
+    parse as chunked encoding (pywsgi's ``_InvalidClientInput``) are a
+    ``BadRequest`` (400), and any other socket error, such as the client
+    going away mid-upload, is ``ClientDisconnected`` (400): every reader of
+    the shared body then gets that same error. (Werkzeug's HTTP exceptions:
+    Werkzeug is a dependency of geventctx, not only of Flask.)
+    """
+
+    def __init__(self, stream: t.IO[bytes], limit: int | None) -> None:
+        self.stream = stream
+        self.limit = limit
+
+    def read(self, size: int = -1) -> bytes:
+        from gevent.pywsgi import _InvalidClientInput
+        from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
+
+        try:
+            data = self.stream.read()
+        except _InvalidClientInput as exc:
+            raise BadRequest(f"malformed request body: {exc}") from exc
+        except OSError as exc:
+            raise ClientDisconnected(f"the request body could not be read completely: {exc}") from exc
+        if self.limit is not None and len(data) > self.limit:
+            raise RequestEntityTooLarge()
+        return data
 
 
 def _read_into(stream: t.IO[bytes], outcome: list[t.Any], done: Event) -> None:

@@ -60,17 +60,15 @@ import warnings
 from contextvars import copy_context
 
 from flask import Flask
-from gevent.pywsgi import _InvalidClientInput
 from flask.globals import _cv_app, _cv_request
 from flask.sessions import SessionInterface
 from flask.signals import request_finished, request_started
 from werkzeug.datastructures import CallbackDict
-from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
-from werkzeug.wsgi import LimitedStream, get_input_stream
 
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
-from .body import BODY_MODES, SharedBody, SharedFile
+from .body import BODY_MODES, SharedBody, SharedFile, share_wsgi_input
+from .scope import ENVIRON_SCOPE
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .scope import Scope
 
@@ -88,9 +86,6 @@ DEFAULTS: dict[str, t.Any] = {
 }
 _POLICIES = ("warn", "error", "ignore")
 
-#: Where the WSGI middleware keeps its scope and shared body in the environ.
-ENVIRON_SCOPE = "geventctx.scope"
-ENVIRON_BODY = "geventctx.body"
 
 _sentinel: t.Any = object()
 
@@ -341,26 +336,7 @@ class GeventContext:
 
 def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
     """Route every body consumer of ``request`` through one SharedBody."""
-    body = environ.get(ENVIRON_BODY)
-    if not isinstance(body, SharedBody):
-        raw = environ["wsgi.input"]
-
-        def open_stream() -> _WholeBody:
-            raw_environ = dict(environ)
-            raw_environ["wsgi.input"] = raw
-            limit = request.max_content_length
-            stream = get_input_stream(raw_environ, max_content_length=limit)
-            if limit is not None and request.content_length is None and isinstance(stream, LimitedStream):
-                # A body of unknown length (chunked) on a server that ends
-                # its input itself: Werkzeug's max-limited stream stops
-                # silently at the limit, which would hand every reader a
-                # truncated body. Read one byte past it to tell them apart.
-                return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
-            return _WholeBody(stream, None)
-
-        body = SharedBody(open_stream, request.content_length)
-        environ[ENVIRON_BODY] = body
-        environ["wsgi.input"] = body
+    body = share_wsgi_input(environ, lambda: request.max_content_length)
     # Werkzeug reads the body through `stream` (a cached property) from
     # get_data() and the form parser; give it the shared body, and make sure
     # every consumer sees the whole body, whoever read first.
@@ -387,32 +363,6 @@ def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
     request.get_data = shared_get_data
     request._load_form_data = shared_load_form_data
     return body
-
-
-class _WholeBody:
-    """Reads the real input whole, turning what went wrong into a 4xx.
-
-    Too large is ``RequestEntityTooLarge`` (413). Bytes the server could not
-    parse as chunked encoding (pywsgi's ``_InvalidClientInput``) are a
-    ``BadRequest`` (400), and any other socket error, such as the client
-    going away mid-upload, is ``ClientDisconnected`` (400): every reader of
-    the shared body then gets that same error.
-    """
-
-    def __init__(self, stream: t.IO[bytes], limit: int | None) -> None:
-        self.stream = stream
-        self.limit = limit
-
-    def read(self, size: int = -1) -> bytes:
-        try:
-            data = self.stream.read()
-        except _InvalidClientInput as exc:
-            raise BadRequest(f"malformed request body: {exc}") from exc
-        except OSError as exc:
-            raise ClientDisconnected(f"the request body could not be read completely: {exc}") from exc
-        if self.limit is not None and len(data) > self.limit:
-            raise RequestEntityTooLarge()
-        return data
 
 
 def _check_config(config: t.Mapping[str, t.Any]) -> None:

@@ -31,6 +31,11 @@ __all__ = ["Scope", "current_scope"]
 
 log = logging.getLogger("geventctx")
 
+#: Where an adapter keeps the scope of a request in its WSGI environ, so that
+#: a second adapter on the same request (the Flask extension inside the WSGI
+#: middleware) nests in it instead of managing the request twice.
+ENVIRON_SCOPE = "geventctx.scope"
+
 _SCOPE: ContextVar[Scope | None] = ContextVar("geventctx.scope", default=None)
 
 

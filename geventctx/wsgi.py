@@ -1,0 +1,141 @@
+"""WSGI middleware: a request scope for any WSGI application.
+
+.. code-block:: python
+
+    from geventctx.wsgi import ContextMiddleware
+
+    application = ContextMiddleware(application)
+
+For plain Werkzeug apps (``Request.application``) and frameworks without a
+Flask-style context, the middleware gives each request what the Flask
+extension gives a Flask request:
+
+- a request scope, entered while the app runs and while its response is
+  iterated, so ``geventctx.spawn`` and the pools pin the request;
+- ``wsgi.input`` behind the request's shared body: read off the socket once,
+  under one lock, complete for every greenlet that reads it;
+- "response started" tracking (:attr:`Scope.response_started` once the app
+  called ``start_response``);
+- the response iterable's ``close()`` — WSGI's end-of-request hook, where
+  frameworks put their teardown — deferred until every child handed the
+  request's context has ended, and run exactly once. Streaming responses
+  keep streaming: only ``close()`` waits.
+
+It can sit around a Flask app that also has
+:class:`geventctx.flask.GeventContext`: Flask's request then nests inside the
+middleware's, sharing its body, and each layer tears down once.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import typing as t
+from contextvars import Token, copy_context
+
+from . import errorlog, stragglers
+from .body import BODY_MODES, share_wsgi_input
+from .scope import ENVIRON_SCOPE, Scope
+
+__all__ = ["ContextMiddleware"]
+
+StartResponse = t.Callable[..., t.Any]
+WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
+
+
+class ContextMiddleware:
+    """Manage each request of ``app`` as a geventctx request scope.
+
+    :param body: ``"lock"`` (default) puts ``wsgi.input`` behind the shared
+        body; ``"off"`` leaves it alone.
+    :param max_content_length: largest body readers may get, in bytes
+        (``RequestEntityTooLarge`` beyond), or ``None``.
+    :param straggler_timeout: seconds after the response after which live
+        children are logged with their spawn site; ``None`` or ``0``: never.
+    :param straggler_policy: ``"wait"`` or ``"kill"``, as for Flask.
+    :param log_child_errors: log children's exceptions once through
+        ``logging.getLogger("geventctx")`` with the request and spawn site.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        body: str = "lock",
+        max_content_length: int | None = None,
+        straggler_timeout: float | None = 30.0,
+        straggler_policy: str = "wait",
+        log_child_errors: bool = True,
+    ) -> None:
+        if body not in ("lock", "off"):
+            raise ValueError(f"body must be 'lock' or 'off', not {body!r} (of {BODY_MODES})")
+        if straggler_policy not in stragglers.POLICIES:
+            raise ValueError(f"straggler_policy must be one of {stragglers.POLICIES}, not {straggler_policy!r}")
+        self.app = app
+        self.body = body
+        self.max_content_length = max_content_length
+        self.straggler_timeout = straggler_timeout
+        self.straggler_policy = straggler_policy
+        self.log_child_errors = log_child_errors
+
+    def __call__(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
+        if isinstance(environ.get(ENVIRON_SCOPE), Scope):
+            # Another ContextMiddleware already manages this request.
+            return self.app(environ, start_response)
+        scope = Scope(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")
+        environ[ENVIRON_SCOPE] = scope
+        if self.body == "lock":
+            limit = self.max_content_length
+            scope.extras["body"] = share_wsgi_input(environ, lambda: limit)
+        if self.log_child_errors:
+            errorlog.install()
+        else:
+            scope.extras[errorlog.OPT_OUT] = True
+
+        def tracking_start_response(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            scope.response_started = True
+            return start_response(*args, **kwargs)
+
+        token = scope.enter()
+        try:
+            result = self.app(environ, tracking_start_response)
+        except BaseException:
+            _RequestEnd(self, scope, token, None).close()
+            raise
+        return _RequestEnd(self, scope, token, result)
+
+
+class _RequestEnd:
+    """The app's response iterable, whose ``close()`` waits for the children."""
+
+    def __init__(
+        self, owner: ContextMiddleware, scope: Scope, token: Token[Scope | None], result: t.Iterable[bytes] | None
+    ) -> None:
+        self._owner = owner
+        self._scope = scope
+        self._token: Token[Scope | None] | None = token
+        self._result = result
+
+    def __iter__(self) -> t.Iterator[bytes]:
+        assert self._result is not None
+        return iter(self._result)
+
+    def close(self) -> None:
+        token, self._token = self._token, None
+        if token is None:
+            return  # WSGI servers call close() once; be safe anyway
+        scope = self._scope
+        Scope.exit(token)
+        close = getattr(self._result, "close", None)
+        if scope.holders > 1:
+            # Children outlive the response: take the body off the socket
+            # before the server discards it, so that they can still read it.
+            body = scope.extras.get("body")
+            if body is not None and not body.loaded:
+                body.try_load()
+            stragglers.watch(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
+        if close is not None:
+            scope.on_close(copy_context().run, close)
+        scope.finish()
