@@ -269,11 +269,13 @@ def share_wsgi_input(
 
     ``max_length()`` is asked when the body is first read (a framework's
     ``MAX_CONTENT_LENGTH``). A second call for the same request (a second
-    adapter) returns the same body and makes its limit the one that counts.
+    adapter) returns the same body; the smaller of the two limits counts, so
+    an inner framework without a limit does not lift the outer one.
     """
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
-        body.max_length = max_length
+        outer = body.max_length
+        body.max_length = lambda: _smallest(outer(), max_length())
         return body
     raw = environ["wsgi.input"]
     length = _content_length(environ)
@@ -298,6 +300,11 @@ def share_wsgi_input(
     environ[ENVIRON_BODY] = body
     environ["wsgi.input"] = body
     return body
+
+
+def _smallest(*limits: int | None) -> int | None:
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def _content_length(environ: dict[str, t.Any]) -> int | None:

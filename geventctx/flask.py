@@ -68,6 +68,7 @@ from werkzeug.datastructures import CallbackDict
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import BODY_MODES, SharedBody, SharedFile, share_wsgi_input
+from .isolation import IsolatedApp
 from .scope import ENVIRON_SCOPE
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .scope import Scope
@@ -239,6 +240,9 @@ class GeventContext:
         app.do_teardown_appcontext = lambda exc=_sentinel: self._teardown_appctx(original_appctx, exc)  # type: ignore[method-assign]
         if not isinstance(app.session_interface, _GuardedSessionInterface):
             app.session_interface = _GuardedSessionInterface(app.session_interface, self)
+        # Each request in a context of its own: a contextvar one request sets
+        # must not reach the next request on a keep-alive connection (G2).
+        app.wsgi_app = IsolatedApp(app.wsgi_app)  # type: ignore[method-assign]
 
     # -- request start ----------------------------------------------------------
 

@@ -14,6 +14,9 @@ extension gives a Flask request:
   iterated, so ``geventctx.spawn`` and the pools pin the request;
 - ``wsgi.input`` behind the request's shared body: read off the socket once,
   under one lock, complete for every greenlet that reads it;
+- its own ``contextvars`` context (and, under uWSGI, its own environ), so
+  nothing a request sets bleeds into the next one on a keep-alive
+  connection;
 - "response started" tracking (:attr:`Scope.response_started` once the app
   called ``start_response``);
 - the response iterable's ``close()`` — WSGI's end-of-request hook, where
@@ -35,6 +38,7 @@ from contextvars import Token, copy_context
 
 from . import errorlog, stragglers
 from .body import BODY_MODES, share_wsgi_input
+from .isolation import IsolatedApp
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["ContextMiddleware"]
@@ -84,6 +88,11 @@ class ContextMiddleware:
         if isinstance(environ.get(ENVIRON_SCOPE), Scope):
             # Another ContextMiddleware already manages this request.
             return self.app(environ, start_response)
+        # The whole request (call, iteration, close) runs in a context of its
+        # own: nothing it sets bleeds into the next request on the connection.
+        return IsolatedApp(self._manage)(environ, start_response)
+
+    def _manage(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
         scope = Scope(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")
         environ[ENVIRON_SCOPE] = scope
         if self.body == "lock":
