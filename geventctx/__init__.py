@@ -24,15 +24,19 @@ from .errors import (
     SessionMutationError,
     SessionMutationWarning,
 )
+from .executor import Executor, Future
 from .handoff import Greenlet, spawn, spawn_later
 from .patch import is_patched, patch, unpatch
 from .pool import Group, Pool
 from .scope import Scope, current_scope
+from .threadpool import ThreadPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BodyReadError",
+    "Executor",
+    "Future",
     "GeventctxWarning",
     "Greenlet",
     "Group",
@@ -42,6 +46,7 @@ __all__ = [
     "Scope",
     "SessionMutationError",
     "SessionMutationWarning",
+    "ThreadPool",
     "current_scope",
     "is_patched",
     "patch",

@@ -23,13 +23,19 @@ import weakref
 
 import gevent
 from gevent.event import Event
+from gevent import get_hub
 from gevent.lock import RLock
+from gevent.monkey import get_original
 from greenlet import getcurrent
 
 from .errors import BodyReadError
 from .scope import current_scope
 
 __all__ = ["SharedBody", "SharedFile", "share_wsgi_input", "ENVIRON_BODY"]
+
+# Native (never monkey-patched) primitives, for ThreadPool worker threads.
+_get_ident = get_original("_thread", "get_ident")
+_NativeEvent = get_original("threading", "Event")
 
 #: Where the shared body of a request is kept in its WSGI environ.
 ENVIRON_BODY = "geventctx.body"
@@ -51,6 +57,9 @@ class SharedBody(io.RawIOBase):
         super().__init__()
         self._open_stream = open_stream
         self.length = length
+        #: The socket belongs to this thread's hub: only it may read it.
+        self._owner_thread = _get_ident()
+        self._owner_hub = get_hub()
         #: Serializes the read of the body and any parse of it (reentrant).
         self.lock = RLock()
         self._data: bytes | None = None
@@ -81,6 +90,8 @@ class SharedBody(io.RawIOBase):
         data = self._data
         if data is not None:
             return data
+        if _get_ident() != self._owner_thread:
+            return self._load_from_other_thread()
         with self.lock:
             if self._data is None:
                 if self._error is not None:
@@ -88,6 +99,25 @@ class SharedBody(io.RawIOBase):
                 self._read_all()
             assert self._data is not None
             return self._data
+
+    def _load_from_other_thread(self) -> bytes:
+        # A ThreadPool task: the request's own hub reads the socket (in a
+        # greenlet, under the lock as always) while this thread waits.
+        done = _NativeEvent()
+
+        def read_in_owner_hub() -> None:
+            try:
+                self.load()
+            except BaseException:
+                pass
+            finally:
+                done.set()
+
+        self._owner_hub.loop.run_callback_threadsafe(gevent.spawn_raw, read_in_owner_hub)
+        done.wait()
+        if self._data is not None:
+            return self._data
+        raise self._error if self._error is not None else BodyReadError("the request body could not be read")
 
     def try_load(self) -> None:
         """Read the body now if it was not; keep any error for the readers.

@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from . import handoff
 from ._site import Site, site_of
-from .scope import Scope, current_scope
+from .scope import Scope
 
 __all__ = ["Executor", "Future"]
 
@@ -54,6 +54,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         super().__init__()
         self._done_event = Event()
         self.add_done_callback(_set_done_event)
+        self._waiters = _CooperativeWaiters()
 
     def result(self, timeout: float | None = None) -> t.Any:
         if not self.done():
@@ -68,6 +69,22 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
 def _set_done_event(future: Future) -> None:
     future._done_event.set()
+
+
+class _CooperativeWaiters(list):  # type: ignore[type-arg]
+    """``Future._waiters`` that makes ``wait()``/``as_completed()`` cooperative.
+
+    ``concurrent.futures.wait`` and ``as_completed`` install a waiter on each
+    future and block on its ``threading.Event``; in a process that is not
+    monkey-patched that blocks the hub, and so the very greenlets that would
+    complete the futures. The waiter's event becomes a gevent Event instead
+    (under monkey-patching it already is one).
+    """
+
+    def append(self, waiter: t.Any) -> None:
+        if not isinstance(getattr(waiter, "event", None), Event):
+            waiter.event = Event()
+        super().append(waiter)
 
 
 class _Task:
@@ -113,6 +130,8 @@ class Executor(concurrent.futures.Executor):
         self._max_pending = max_pending
         self._pending: collections.deque[_Task] = collections.deque()
         self._running: set[gevent.Greenlet] = set()
+        #: Workers not yet dead (a worker leaves _running just before it ends).
+        self._alive: set[gevent.Greenlet] = set()
         self._room = Event()
         self._idle = Event()
         self._idle.set()
@@ -127,10 +146,7 @@ class Executor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = Future()
-        scope = current_scope()
-        if scope is not None and not scope.acquire():
-            handoff._late(scope, site)
-            scope = None
+        scope = handoff.pin_current_scope(site)
         task = _Task(future, fn, args, kwargs, copy_context(), scope, site)
         self._idle.clear()
         if self._max_workers is None or len(self._running) < self._max_workers:
@@ -156,6 +172,8 @@ class Executor(concurrent.futures.Executor):
         # which releases it when it ends, however it ends.
         handoff.bind(worker, task.context, task.scope, task.site, task.fn)
         self._running.add(worker)
+        self._alive.add(worker)
+        worker.rawlink(self._alive.discard)
         worker.start()
 
     def _forget(self, task: _Task) -> None:
@@ -224,6 +242,7 @@ class Executor(concurrent.futures.Executor):
                 task.future.cancel()
         if wait:
             self._idle.wait()
+            gevent.joinall(list(self._alive))
 
 
 def _run(executor: Executor, task: _Task) -> None:

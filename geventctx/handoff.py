@@ -21,10 +21,10 @@ import time
 import typing as t
 import warnings
 import weakref
-from contextvars import copy_context
+from contextvars import Context, copy_context
 
 import gevent
-from greenlet import getcurrent
+from greenlet import getcurrent, greenlet
 
 from . import registry
 from ._misuse import check_unmanaged
@@ -55,6 +55,38 @@ def _late(scope: Scope, site: Site | None) -> None:
     )
 
 
+def helper_site() -> Site | None:
+    """The spawn site of the running greenlet, if it is a hand-off.
+
+    For spawns made by a helper greenlet (``Pool.map``, ``imap``) whose
+    stack holds no user code: its workers report the helper's site, which
+    is the user's call that started the map.
+    """
+    helper = _live.get(id(getcurrent()))
+    return helper[4] if helper is not None else None
+
+
+def caller_site(frame: t.Any) -> Site | None:
+    """The user's site at or above ``frame``, else the running helper's."""
+    site = site_of(frame)
+    return site if site is not None else helper_site()
+
+
+def pin_current_scope(site: Site | None) -> Scope | None:
+    """Acquire the current request scope for a hand-off about to start.
+
+    Returns the scope (now held), or ``None`` outside a request, or if the
+    request already ended (after a :class:`LateEffectWarning`).
+    """
+    scope = _SCOPE.get()
+    if scope is None:
+        check_unmanaged(site)
+    elif not scope.acquire():
+        _late(scope, site)
+        return None
+    return scope
+
+
 def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) -> None:
     """Hand the running context to the unstarted gevent greenlet ``child``.
 
@@ -64,16 +96,28 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     child.gr_context = copy_context()
     if site is None:
-        # The user's call is not on this greenlet's stack: the spawner is a
-        # helper (Pool.map, imap) that was itself handed off; use its site.
-        helper = _live.get(id(getcurrent()))
-        site = helper[4] if helper is not None else None
+        site = helper_site()
     scope = _SCOPE.get()
     if scope is None:
         check_unmanaged(site)
     elif not scope.acquire():
         _late(scope, site)
         scope = None
+    _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+    child.rawlink(_finished)
+
+
+def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None) -> None:
+    """Register ``child`` as a hand-off running in ``context``.
+
+    For work whose context and scope hold were taken earlier (an executor
+    task taken at ``submit``): ``scope`` must already be acquired for the
+    child; the hold is released when the child ends. ``child`` is a gevent
+    greenlet (its ``gr_context`` is set) or any object with ``rawlink``
+    (a thread task's ``AsyncResult``).
+    """
+    if isinstance(child, greenlet):
+        child.gr_context = context
     _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
     child.rawlink(_finished)
 
@@ -135,10 +179,7 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     frame = _getframe(1)
     filename = frame.f_code.co_filename
     if filename.startswith(_INTERNAL_DIRS):
-        site = site_of(frame)
-        if site is None:
-            helper = _live.get(id(getcurrent()))
-            site = helper[4] if helper is not None else None
+        site = caller_site(frame)
     else:
         site = (filename, frame.f_lineno)
     scope = _SCOPE.get()
