@@ -18,6 +18,7 @@ from time import perf_counter_ns
 
 import flask
 import gevent
+import gevent.threadpool
 
 import geventctx
 from common import Row
@@ -104,6 +105,38 @@ def patched_bare(n: int) -> int:
         geventctx.unpatch()
 
 
+_EXECUTOR = geventctx.Executor()
+_THREADS = geventctx.ThreadPool(1)
+_PLAIN_THREADS = gevent.threadpool.ThreadPool(1)
+
+
+def executor(n: int) -> int:
+    """``geventctx.Executor().submit(f).result()`` in the request."""
+    submit, f = _EXECUTOR.submit, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        submit(f).result()
+    return perf_counter_ns() - start
+
+
+def plain_threadpool(n: int) -> int:
+    """``gevent.threadpool.ThreadPool(1).spawn(f).get()``: a native thread."""
+    spawn, f = _PLAIN_THREADS.spawn, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        spawn(f).get()
+    return perf_counter_ns() - start
+
+
+def context_threadpool(n: int) -> int:
+    """``geventctx.ThreadPool(1).spawn(f).get()`` in the request."""
+    spawn, f = _THREADS.spawn, _child
+    start = perf_counter_ns()
+    for _ in range(n):
+        spawn(f).get()
+    return perf_counter_ns() - start
+
+
 VARIANTS: dict[str, Batch] = {
     "gevent.spawn (bare)": bare,
     "Greenlet + gr_context=copy_context()": raw_context,
@@ -111,6 +144,9 @@ VARIANTS: dict[str, Batch] = {
     "geventctx.spawn (GeventContext request)": geventctx_in_scope,
     "geventctx.spawn (no scope)": geventctx_no_scope,
     "gevent.spawn under patch()": patched_bare,
+    "geventctx.Executor submit+result": executor,
+    "gevent ThreadPool(1) spawn+get": plain_threadpool,
+    "geventctx.ThreadPool(1) spawn+get": context_threadpool,
 }
 
 
@@ -175,5 +211,8 @@ def run(quick: bool) -> list[Row]:
             )
         elif row.name == "gevent.spawn under patch()":
             rows[i] = row._replace(budget="P2 <=1.1x bare", ok=row.value <= 1.1 * base)
+        elif row.name == "geventctx.ThreadPool(1) spawn+get":
+            plain = med["gevent ThreadPool(1) spawn+get"]
+            rows[i] = row._replace(note=f"{row.note}; {row.value / plain:.3f}x gevent's ThreadPool")
     rows[0] = rows[0]._replace(note=f"{rows[0].note}; {rounds} rounds x {n} spawns")
     return rows
