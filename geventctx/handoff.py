@@ -157,6 +157,17 @@ class Greenlet(gevent.Greenlet):
             attach(self, site_of(_getframe(1)), getattr(self, "_run", None))
         _base_start_later(self, seconds)
 
+    def __repr__(self) -> str:
+        # Shown by gevent's run-info output (gevent.util.print_run_info) for
+        # every greenlet: which request a hand-off belongs to, and its site.
+        base = gevent.Greenlet.__repr__(self)
+        entry = _live.get(id(self))
+        if entry is None or entry[0]() is not self:
+            return base
+        scope = entry[2]
+        request = scope.label if scope is not None else "no request"
+        return f"{base[:-1]} [geventctx: {request}, spawned at {format_site(entry[4])}]>"
+
 
 class _Spawned(Greenlet):
     # What spawn() returns: attached before it is started, so the class

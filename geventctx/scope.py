@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import typing as t
+import weakref
 from contextvars import Context, ContextVar, Token
 
 import gevent
@@ -46,6 +47,9 @@ def current_scope() -> Scope | None:
     the request ended; check :attr:`Scope.closed` for that.
     """
     return _SCOPE.get()
+
+
+_every_scope: weakref.WeakSet[Scope]
 
 
 class Scope:
@@ -95,10 +99,16 @@ class Scope:
         #: Called (with no arguments) when a hand-off acquires the scope, if
         #: set; adapters use it to act at the first hand-off of a request.
         self.on_handoff: t.Callable[[], None] | None = None
+        _every_scope.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"holders={self._holders}"
         return f"<Scope {self.label!r} {state}>"
+
+    @staticmethod
+    def all_open() -> list[Scope]:
+        """Every scope of this process that has not closed yet (for leak checks)."""
+        return [scope for scope in list(_every_scope) if not scope.closed]
 
     @property
     def holders(self) -> int:
@@ -201,3 +211,6 @@ class Scope:
             callback(*args)
         except Exception:
             log.exception("close callback %r of %r failed", callback, self)
+
+
+_every_scope = weakref.WeakSet()
