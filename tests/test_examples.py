@@ -1,0 +1,57 @@
+"""Each example in examples/ runs, over a real server, and does what it says."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import gevent.pool
+import pytest
+
+from examples import background_email, background_upload, fanout_pool
+from httpkit import multipart, wait_for
+
+
+def test_background_email_after_the_response(serve):
+    background_email.OUTBOX.clear()
+    background_email.CLOSED_SESSIONS.clear()
+    server = serve(background_email.create_app())
+    body = b"name=ada&email=ada%40example.org"
+    response = server.request(
+        "POST", "/signup", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status == 201
+    assert background_email.OUTBOX == []  # the response did not wait for the mail
+    wait_for(lambda: background_email.CLOSED_SESSIONS, message="teardown")
+    assert background_email.OUTBOX == [{"to": "ada@example.org", "name": "ada", "via": "/signup"}]
+    assert background_email.CLOSED_SESSIONS == ["session-for-ada"]  # once, after the mail
+
+
+def test_fanout_pool_carries_the_request_id_into_logs(serve, caplog):
+    server = serve(fanout_pool.create_app())
+    with caplog.at_level(logging.INFO, logger="examples.fanout"):
+        response = server.request("GET", "/product/7", headers={"X-Request-Id": "req-99"})
+    assert response.status == 200
+    parts = response.json()["parts"]
+    assert [p["backend"] for p in parts] == fanout_pool.BACKENDS
+    assert {p["request_id"] for p in parts} == {"req-99"}
+    stamped = [r.request_id for r in caplog.records if r.name == "examples.fanout"]
+    assert stamped == ["req-99"] * 3
+
+
+def test_fanout_with_gevents_own_pool_loses_the_id_control():
+    seen = gevent.pool.Pool(3).map(lambda _: fanout_pool.request_id.get(), range(3))
+    assert seen == ["-", "-", "-"]
+
+
+@pytest.mark.parametrize("size", [1_000, 300_000])
+def test_background_upload_processed_after_the_response(serve, size):
+    background_upload.PROCESSED.clear()
+    content = os.urandom(size)
+    body, ctype = multipart({}, {"file": ("scan.bin", content)})
+    server = serve(background_upload.create_app())
+    response = server.request("POST", "/upload", body=body, headers={"Content-Type": ctype}, piece=16_384, delay=0.001)
+    assert response.status == 202
+    wait_for(lambda: "scan.bin" in background_upload.PROCESSED, message="background processing")
+    assert background_upload.PROCESSED["scan.bin"] == (size, hashlib.sha256(content).hexdigest())
