@@ -71,7 +71,13 @@ def create_app() -> Flask:
             data = readers[kind]()
             record(
                 "child",
-                {"via": kind, "user": g.user, "path": request.path, "request_id": request_id.get(), "sha256": digest(data)},
+                {
+                    "via": kind,
+                    "user": g.user,
+                    "path": request.path,
+                    "request_id": request_id.get(),
+                    "sha256": digest(data),
+                },
             )
 
         for kind in ("get_data", "stream", "input_stream"):

@@ -69,7 +69,9 @@ def section_patch() -> None:
     check("after unpatch(), gevent.spawn sees", gevent.spawn(request_id.get).get(), "<none>")
 
 
-def http(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"", piece: int = 0) -> tuple[int, dict[str, str], bytes]:
+def http(
+    port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"", piece: int = 0
+) -> tuple[int, dict[str, str], bytes]:
     """A tiny raw-socket HTTP/1.1 client that can trickle the body."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:

@@ -68,10 +68,9 @@ from werkzeug.datastructures import CallbackDict
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import BODY_MODES, SharedBody, SharedFile, share_wsgi_input
-from .isolation import IsolatedApp
-from .scope import ENVIRON_SCOPE
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
-from .scope import Scope
+from .isolation import IsolatedApp
+from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["GeventContext", "DEFAULTS"]
 

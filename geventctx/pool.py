@@ -74,12 +74,14 @@ class _ContextMappingMixin:
         return self._helper(2, self._map_cb, func, iterable, callback)
 
     def _imap(self, cls: type[IMapUnordered], func: t.Any, iterables: t.Any, maxsize: int | None) -> t.Any:
-        helper = cls(func, zip(*iterables), spawn=self.spawn, _zipped=True, maxsize=maxsize)
+        helper = cls(func, zip(*iterables, strict=False), spawn=self.spawn, _zipped=True, maxsize=maxsize)
         attach(helper, site_of(_getframe(2)), func)
         _base_start(helper)
         return helper
 
-    def imap(self, func: t.Callable[..., T], *iterables: t.Iterable[t.Any], maxsize: int | None = None) -> t.Iterator[T]:
+    def imap(
+        self, func: t.Callable[..., T], *iterables: t.Iterable[t.Any], maxsize: int | None = None
+    ) -> t.Iterator[T]:
         """Like :meth:`gevent.pool.Group.imap`, each call in the caller's context."""
         return self._imap(IMap, func, iterables, maxsize)  # type: ignore[no-any-return]
 

@@ -157,7 +157,9 @@ def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 5.0, message: st
         gevent.sleep(0.005)
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]], boundary: str = "geventctxBOUNDARY") -> tuple[bytes, str]:
+def multipart(
+    fields: dict[str, str], files: dict[str, tuple[str, bytes]], boundary: str = "geventctxBOUNDARY"
+) -> tuple[bytes, str]:
     """Encode a multipart/form-data body; returns (body, content type)."""
     parts = []
     for name, value in fields.items():

@@ -8,9 +8,9 @@ import os
 
 import gevent.pool
 import pytest
+from httpkit import multipart, wait_for
 
 from examples import background_email, background_upload, fanout_pool
-from httpkit import multipart, wait_for
 
 
 def test_background_email_after_the_response(serve):

@@ -22,7 +22,7 @@ import pytest
 from flask import Flask, request
 from gevent.event import Event
 from httpkit import multipart, wait_for
-from werkzeug.exceptions import ClientDisconnected, BadRequest, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
 
 import geventctx
 from geventctx import BodyReadError

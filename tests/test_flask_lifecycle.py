@@ -225,7 +225,7 @@ def test_children_do_not_push_or_pop_flask_contexts(serve, gates):
             settle()
             assert life.events.count("teardown_appcontext") == done - 1  # children still hold it
             after_response.set()
-            wait_for(lambda: life.events.count("teardown_appcontext") == done, 5, "teardown")
+            wait_for(lambda done=done: life.events.count("teardown_appcontext") == done, 5, "teardown")
         settle()
     # Two requests, four children each: every signal fired once per request.
     assert dict(sent) == {name: 2 for name in signals}
@@ -775,7 +775,7 @@ def test_concurrent_requests_children_see_only_their_own_request(serve):
         wait_for(lambda: len(observations) >= requests_n * children_n, 10, "every child")
     settle()
 
-    for user, response in zip(users, responses):
+    for user, response in zip(users, responses, strict=True):
         assert response.status == 200 and response.body == f"{user}|{user}|{user}".encode()
     mismatches = [
         o for o in observations if o[1:4] != (o[0],) * 3 or o[4] != o[0] or o[5] != o[6] or o[7] != "GET /me"

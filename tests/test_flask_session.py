@@ -10,10 +10,10 @@ import pytest
 from flask import Flask, after_this_request, session
 from flask.sessions import SessionInterface, SessionMixin
 from gevent.event import Event
+from httpkit import wait_for
 
 import geventctx
 from geventctx.flask import GeventContext
-from httpkit import wait_for
 
 
 def make_app(**config):
