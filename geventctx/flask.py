@@ -286,7 +286,17 @@ class GeventContext:
         if close is not None:
             # Flask calls it with the request context still pushed; a deferred
             # close must see it too (request, g), like teardown functions.
-            request.close = lambda: scope.on_close(copy_context().run, close)
+            deferred: list[bool] = []
+
+            def deferred_close() -> None:
+                # Flask's pop calls it; so does the pop of every copy made by
+                # copy_current_request_context (same request object). Close
+                # once, when the scope closes.
+                if not deferred:
+                    deferred.append(True)
+                    scope.on_close(copy_context().run, close)
+
+            request.close = deferred_close
 
         if config["GEVENTCTX_LOG_CHILD_ERRORS"]:
             errorlog.install()

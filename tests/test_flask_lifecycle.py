@@ -846,3 +846,30 @@ def test_pool_child_exception_is_logged_once(serve, capfd, caplog, method):
     message = records[0].getMessage()
     assert "GET /pool-fail" in message and f"{HERE}:{line_of(f'SITE:pool-fail-{method}')}" in message
     assert "boom-pool" not in capfd.readouterr().err
+
+
+def test_copy_current_request_context_inside_the_extension_closes_the_request_once(serve):
+    # Every copy's pop calls request.close() on the shared request; the
+    # extension defers the close to the end of the request, once.
+    closes = []
+
+    class CountingRequest(Request):
+        def close(self):
+            closes.append(self.path)
+            super().close()
+
+    app = Flask(__name__)
+    app.request_class = CountingRequest
+    GeventContext(app)
+
+    @app.route("/copies")
+    def copies():
+        for _ in range(5):
+            gevent.spawn(flask.copy_current_request_context(lambda: request.path)).join()
+        return "ok"
+
+    server = serve(app)
+    assert server.request("GET", "/copies").status == 200
+    wait_for(lambda: closes, message="request.close")
+    gevent.sleep(0.05)
+    assert closes == ["/copies"]
