@@ -34,7 +34,7 @@ def format_table(rows: t.Sequence[Row]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
+    widths = [max(len(c) for c in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:{'>' if i in (1, 2) else '<'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line).rstrip() for line in lines]

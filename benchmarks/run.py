@@ -14,11 +14,13 @@ import importlib.metadata
 import os
 import platform
 import sys
+import time
 
 from common import format_table
 
-#: Benchmark modules, in run order. Add "body_lock", "http", "memory" here.
-MODULES = ["spawn"]
+#: Benchmark modules, in run order. (P4 lives in ``http_rps``: a module named
+#: ``http`` here would shadow the standard library's ``http`` package.)
+MODULES = ["spawn", "body", "http_rps", "memory"]
 
 
 def header() -> str:
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     missed = False
     for name in MODULES:
         module = importlib.import_module(name)
+        start = time.monotonic()
         rows = module.run(args.quick)
-        print(f"\n== {module.TITLE}{' [quick]' if args.quick else ''}")
+        took = time.monotonic() - start
+        print(f"\n== {module.TITLE}{' [quick]' if args.quick else ''} ({took:.0f} s)")
         print(format_table(rows))
         missed |= any(row.ok is False for row in rows)
     return 1 if missed and args.strict else 0

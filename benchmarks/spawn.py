@@ -19,9 +19,9 @@ from time import perf_counter_ns
 import flask
 import gevent
 import gevent.threadpool
+from common import Row
 
 import geventctx
-from common import Row
 from geventctx.flask import GeventContext
 
 TITLE = "spawn+join inside a Flask request (P1, P2)"
