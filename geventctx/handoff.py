@@ -199,7 +199,13 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     elif scope._holders > 0:
         scope._holders += 1
         if scope.on_handoff is not None:
-            scope.on_handoff()
+            try:
+                scope.on_handoff()
+            except BaseException:
+                # Interrupted (a Timeout around the spawn, the view killed)
+                # in the hook: give the hold back, or teardown never runs.
+                scope.release()
+                raise
     else:
         _late(scope, site)
         scope = None

@@ -130,7 +130,11 @@ class Scope:
             return False
         self._holders += 1
         if self.on_handoff is not None:
-            self.on_handoff()
+            try:
+                self.on_handoff()  # may block (the "buffer" body read) and be interrupted
+            except BaseException:
+                self.release()  # no hand-off happens: do not keep its hold
+                raise
         return True
 
     def release(self) -> None:

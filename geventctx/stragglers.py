@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 from gevent import get_hub
 
@@ -23,6 +24,26 @@ from .scope import Scope
 log = logging.getLogger("geventctx")
 
 POLICIES = ("wait", "kill")
+
+#: Children already logged as stragglers: when two adapters watch the same
+#: request (a Flask app inside the WSGI middleware), each child is logged
+#: once as waited for; a watcher that kills it still says so.
+_logged: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def _within(inner: Scope | None, scope: Scope) -> bool:
+    """True if ``inner`` is ``scope`` or a scope nested in it (holding it)."""
+    while inner is not None:
+        if inner is scope:
+            return True
+        inner = inner.parent
+    return False
+
+
+def _stragglers(scope: Scope) -> list[registry.HandOff]:
+    """The running hand-offs that hold ``scope``, directly or through a
+    nested scope (the children of a Flask request inside the middleware's)."""
+    return [record for record in registry.live() if _within(record.scope, scope)]
 
 
 def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
@@ -35,23 +56,31 @@ def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
         timer.close()
         if scope.closed:
             return
-        records = registry.for_scope(scope)
+        records = _stragglers(scope)
         done_at = scope.owner_done_at
         since = time.monotonic() - done_at if done_at is not None else timeout
+        doomed = []
         for record in records:
+            child = record.greenlet
+            if child is None:
+                continue
+            # A ThreadPool task (its AsyncResult) cannot be killed.
+            kill = getattr(child, "kill", None) if policy == "kill" else None
+            if kill is not None:
+                doomed.append(kill)
+            elif child in _logged:
+                continue  # another adapter's watcher logged it already
+            _logged.add(child)
             log.warning(
                 "straggler: child %s of request %s (spawned at %s) still runs %.1fs after the response%s",
                 getattr(record.function, "__qualname__", None) or repr(record.function),
                 scope.label,
                 record.spawn_site,
                 since,
-                "; killing it" if policy == "kill" else "; teardown keeps waiting",
+                "; killing it" if kill is not None else "; teardown keeps waiting",
             )
-        if policy == "kill":
-            for record in records:
-                child = record.greenlet
-                if child is not None:
-                    child.kill(block=False)
+        for kill in doomed:
+            kill(block=False)
 
     timer.start(check)
     scope.on_close(timer.close)

@@ -16,6 +16,7 @@ def scope():
     token = s.enter()
     yield s
     Scope.exit(token)
+    s.finish()  # the request ends with the test (the leak check wants it closed)
 
 
 def test_current_scope_is_none_outside_and_inherited_inside(scope):
