@@ -66,9 +66,13 @@ class SharedBody(io.RawIOBase):
         self._error: BaseException | None = None
         #: Set once the socket read has ended, however it ended.
         self._read_done: Event | None = None
-        self._cursors: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
+        self._cursor_map: weakref.WeakKeyDictionary[t.Any, int] | None = None
         #: Asked when the body is first read: the largest body allowed.
         self.max_length: t.Callable[[], int | None] = lambda: None
+        #: Asked before the first read: is the whole body already buffered
+        #: by the server (so reading it cannot block)? Adapters that know
+        #: their server set it; by default the read always uses a helper.
+        self.buffered: t.Callable[[], bool] = lambda: False
 
     # -- state -------------------------------------------------------------
 
@@ -155,13 +159,23 @@ class SharedBody(io.RawIOBase):
         except BaseException as exc:
             self._error = exc
             raise
+        if self.buffered():
+            # The whole body is already in the server's buffer: the read
+            # cannot block, so it cannot be interrupted half-way either.
+            outcome: list[t.Any] = []
+            _read_into(stream, outcome, None)
+            if not outcome[0]:
+                self._error = outcome[1]
+                raise self._error
+            self._data = outcome[1]
+            return
         # The socket is read in a helper greenlet. A read interrupted inside
         # the server's buffered socket file (the reader was killed, or timed
         # out) loses the bytes it had taken, and the server would then wait
         # forever for them when it discards the rest of the body. The helper
         # is never interrupted: it finishes the read whatever happens to the
         # greenlet that asked for it.
-        outcome: list[t.Any] = []
+        outcome = []
         done = self._read_done = Event()
         gevent.spawn_raw(_read_into, stream, outcome, done)
         try:
@@ -200,6 +214,14 @@ class SharedBody(io.RawIOBase):
             done.rawlink(lambda _event: scope.release())
 
     # -- file-like, one cursor per greenlet --------------------------------
+
+    @property
+    def _cursors(self) -> weakref.WeakKeyDictionary[t.Any, int]:
+        # Made on first use: most requests never read the stream directly.
+        cursors = self._cursor_map
+        if cursors is None:
+            cursors = self._cursor_map = weakref.WeakKeyDictionary()
+        return cursors
 
     def readable(self) -> bool:
         return True
@@ -325,18 +347,21 @@ def share_wsgi_input(
     length = _content_length(environ)
 
     def open_stream() -> _WholeBody:
+        from werkzeug.exceptions import RequestEntityTooLarge
         from werkzeug.wsgi import LimitedStream, get_input_stream
 
+        if length is not None:
+            # Read exactly the announced bytes in as few reads as the server
+            # allows: going through LimitedStream.readall() grows a second
+            # copy of the body and took 13% longer on a 20 MB upload (P3).
+            limit = body.max_length()
+            if limit is not None and length > limit:
+                raise RequestEntityTooLarge()
+            return _WholeBody(_ExactBody(raw, length), None)
         raw_environ = dict(environ)
         raw_environ["wsgi.input"] = raw
         limit = body.max_length()
         stream = get_input_stream(raw_environ, max_content_length=limit)
-        if length is not None:
-            # Werkzeug checked the length against the limit (413) above. Read
-            # exactly that many bytes in as few reads as the server allows:
-            # going through LimitedStream.readall() grows a second copy of
-            # the body and took 13% longer on a 20 MB upload (P3).
-            return _WholeBody(_ExactBody(raw, length), None)
         if limit is not None and isinstance(stream, LimitedStream):
             # A body of unknown length (chunked) on a server that ends its
             # input itself: Werkzeug's max-limited stream stops silently at
@@ -347,12 +372,30 @@ def share_wsgi_input(
 
     body = SharedBody(open_stream, length)
     body.max_length = max_length
+    if length is not None:
+        body.buffered = lambda: _pywsgi_buffered(raw, length)
     if length == 0 or (length is None and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
         # No body at all (a GET): nothing to read, nothing to share.
         body._data = b""
     environ[ENVIRON_BODY] = body
     environ["wsgi.input"] = body
     return body
+
+
+def _pywsgi_buffered(raw: t.Any, length: int) -> bool:
+    """True if gevent.pywsgi already holds all ``length`` body bytes in memory.
+
+    ``peek`` returns the buffered bytes without reading when there are any;
+    with an empty buffer it does a single socket read into the buffer, which
+    loses nothing if interrupted. Other servers: False (use the helper).
+    """
+    rfile = getattr(raw, "rfile", None)
+    if rfile is None or getattr(raw, "chunked_input", True) or getattr(raw, "position", 1) != 0:
+        return False
+    try:
+        return len(rfile.peek(0)) >= length
+    except Exception:
+        return False
 
 
 def _smallest(*limits: int | None) -> int | None:
@@ -421,13 +464,14 @@ class _WholeBody:
         return data
 
 
-def _read_into(stream: t.IO[bytes], outcome: list[t.Any], done: Event) -> None:
+def _read_into(stream: t.Any, outcome: list[t.Any], done: Event | None) -> None:
     try:
         outcome += (True, stream.read())
     except BaseException as exc:  # handed to the reader, never to the hub
         outcome += (False, exc)
     finally:
-        done.set()
+        if done is not None:
+            done.set()
 
 
 def _closed_stream() -> t.IO[bytes]:

@@ -294,7 +294,10 @@ class GeventContext:
                 # once, when the scope closes.
                 if not deferred:
                     deferred.append(True)
-                    scope.on_close(copy_context().run, close)
+                    if scope.done:
+                        close()
+                    else:
+                        scope.on_close(copy_context().run, close)
 
             request.close = deferred_close
 
@@ -330,8 +333,14 @@ class GeventContext:
                 body.try_load()
             config = ctx.app.config
             stragglers.watch(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
-        # Runs now if no child holds the scope, else when the last one ends;
-        # the snapshot keeps request and g visible to teardown functions.
+        if scope.holders == 1:
+            # No child: the request ends here, and teardown runs now, as
+            # Flask would run it.
+            scope.finish()
+            original(exc)
+            return
+        # Runs when the last child ends; the snapshot keeps request and g
+        # visible to teardown functions.
         scope.on_close(copy_context().run, original, exc)
         scope.finish()
 
@@ -344,7 +353,10 @@ class GeventContext:
         app_ctx._geventctx_scope = None
         if exc is _sentinel:
             exc = sys.exc_info()[1]
-        scope.on_close(copy_context().run, original, exc)
+        if scope.done:
+            original(exc)
+        else:
+            scope.on_close(copy_context().run, original, exc)
 
 
 def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
@@ -358,10 +370,11 @@ def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
     load_form_data = request._load_form_data
 
     def shared_get_data(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        with body.lock:
-            if getattr(request, "_cached_data", None) is None:
-                request._cached_data = body.load()
-            return get_data(*args, **kwargs)
+        # load() reads once under the body lock; with the data cached,
+        # Werkzeug's get_data() never touches the stream.
+        if getattr(request, "_cached_data", None) is None:
+            request._cached_data = body.load()
+        return get_data(*args, **kwargs)
 
     def shared_load_form_data() -> None:
         with body.lock:

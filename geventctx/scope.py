@@ -155,6 +155,11 @@ class Scope:
         self.release()
 
     @property
+    def done(self) -> bool:
+        """True once the scope closed and its close callbacks have run."""
+        return self._done
+
+    @property
     def owner_done(self) -> bool:
         """True once :meth:`finish` was called."""
         return self._owner_done
