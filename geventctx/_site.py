@@ -33,8 +33,9 @@ def package_dirs(*modules: str) -> tuple[str, ...]:
     dirs = []
     for name in modules:
         module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None):
-            dirs.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+        filename = getattr(module, "__file__", None)
+        if filename:
+            dirs.append(os.path.dirname(os.path.abspath(filename)) + os.sep)
     return tuple(dirs)
 
 

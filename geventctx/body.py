@@ -45,6 +45,12 @@ ENVIRON_BODY = "geventctx.body"
 BODY_MODES = ("lock", "buffer", "off")
 
 
+class Readable(t.Protocol):
+    """What a SharedBody reads from: anything with ``read()``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class SharedBody(io.RawIOBase):
     """A file-like request body shared by the greenlets of one request.
 
@@ -53,7 +59,7 @@ class SharedBody(io.RawIOBase):
     :param length: the ``Content-Length``, if known.
     """
 
-    def __init__(self, open_stream: t.Callable[[], t.IO[bytes]], length: int | None = None) -> None:
+    def __init__(self, open_stream: t.Callable[[], Readable], length: int | None = None) -> None:
         super().__init__()
         self._open_stream = open_stream
         self.length = length
@@ -354,13 +360,13 @@ def share_wsgi_input(
             # Read exactly the announced bytes in as few reads as the server
             # allows: going through LimitedStream.readall() grows a second
             # copy of the body and took 13% longer on a 20 MB upload (P3).
-            limit = body.max_length()
+            limit = shared.max_length()
             if limit is not None and length > limit:
                 raise RequestEntityTooLarge()
             return _WholeBody(_ExactBody(raw, length), None)
         raw_environ = dict(environ)
         raw_environ["wsgi.input"] = raw
-        limit = body.max_length()
+        limit = shared.max_length()
         stream = get_input_stream(raw_environ, max_content_length=limit)
         if limit is not None and isinstance(stream, LimitedStream):
             # A body of unknown length (chunked) on a server that ends its
@@ -370,7 +376,7 @@ def share_wsgi_input(
             return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
         return _WholeBody(stream, None)
 
-    body = SharedBody(open_stream, length)
+    shared = body = SharedBody(open_stream, length)
     body.max_length = max_length
     if length is not None:
         body.buffered = lambda: _pywsgi_buffered(raw, length)
@@ -461,7 +467,7 @@ class _WholeBody:
             raise ClientDisconnected(f"the request body could not be read completely: {exc}") from exc
         if self.limit is not None and len(data) > self.limit:
             raise RequestEntityTooLarge()
-        return data
+        return bytes(data)
 
 
 def _read_into(stream: t.Any, outcome: list[t.Any], done: Event | None) -> None:

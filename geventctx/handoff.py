@@ -160,7 +160,7 @@ class Greenlet(gevent.Greenlet):
     def __repr__(self) -> str:
         # Shown by gevent's run-info output (gevent.util.print_run_info) for
         # every greenlet: which request a hand-off belongs to, and its site.
-        base = gevent.Greenlet.__repr__(self)
+        base: str = gevent.Greenlet.__repr__(self)
         entry = _live.get(id(self))
         if entry is None or entry[0]() is not self:
             return base

@@ -48,12 +48,12 @@ class HandOff:
         self._greenlet, self._parent, self.scope, self.function, self.site, self.started_at = entry
 
     @property
-    def greenlet(self) -> greenlet.greenlet | None:
+    def greenlet(self) -> t.Any:
         """The child, or ``None`` if it was already collected."""
         return self._greenlet()
 
     @property
-    def parent(self) -> greenlet.greenlet | None:
+    def parent(self) -> t.Any:
         """The greenlet that started the child, or ``None`` if collected."""
         return self._parent()
 

@@ -187,7 +187,7 @@ class Scope:
             return True
         if self._closed_event is None:
             self._closed_event = Event()
-        return self._closed_event.wait(timeout)
+        return bool(self._closed_event.wait(timeout))
 
     def _close(self) -> None:
         self.closed = True
