@@ -22,8 +22,8 @@ import typing as t
 import weakref
 
 import gevent
-from gevent.event import Event
 from gevent import get_hub
+from gevent.event import Event
 from gevent.lock import RLock
 from gevent.monkey import get_original
 from greenlet import getcurrent
