@@ -67,8 +67,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         return super().exception(timeout=0)
 
 
-def _set_done_event(future: Future) -> None:
-    future._done_event.set()
+def _set_done_event(future: concurrent.futures.Future[t.Any]) -> None:
+    t.cast(Future, future)._done_event.set()
 
 
 class _CooperativeWaiters(list):  # type: ignore[type-arg]
@@ -141,7 +141,9 @@ class Executor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)``; returns its :class:`Future`."""
         return self._submit(site_of(_getframe(1)), fn, args, kwargs)
 
-    def _submit(self, site: Site | None, fn: t.Callable[..., t.Any], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> Future:
+    def _submit(
+        self, site: Site | None, fn: t.Callable[..., t.Any], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+    ) -> Future:
         self._wait_for_room()
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -216,17 +218,16 @@ class Executor(concurrent.futures.Executor):
         """
         site = site_of(_getframe(1))
         end = None if timeout is None else time.monotonic() + timeout
-        futures = [self._submit(site, fn, args, {}) for args in zip(*iterables)]
+        futures = [self._submit(site, fn, args, {}) for args in zip(*iterables, strict=False)]
 
         def results() -> t.Iterator[T]:
             try:
                 futures.reverse()
                 while futures:
-                    future = futures.pop()
                     if end is None:
-                        yield future.result()
+                        yield _result_or_cancel(futures.pop())
                     else:
-                        yield future.result(end - time.monotonic())
+                        yield _result_or_cancel(futures.pop(), end - time.monotonic())
             finally:
                 for future in futures:
                     future.cancel()
@@ -243,6 +244,15 @@ class Executor(concurrent.futures.Executor):
         if wait:
             self._idle.wait()
             gevent.joinall(list(self._alive))
+
+
+def _result_or_cancel(future: Future, timeout: float | None = None) -> t.Any:
+    # As concurrent.futures: a call whose result did not come in time is
+    # cancelled too (a no-op if it already runs), not only those after it.
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
 
 
 def _run(executor: Executor, task: _Task) -> None:

@@ -1,0 +1,534 @@
+"""G8 for ``geventctx.ThreadPool``: thread tasks in their caller's context.
+
+Thread tasks run in native threads (the test process is not monkey-patched,
+so ``threading`` is the real thing); the request tests run a Flask app with
+``GeventContext`` behind a real ``gevent.pywsgi`` server on 127.0.0.1
+(``serve``) and the raw-socket client of ``httpkit``. Every wait is bounded,
+in the hub (``wait_for``, timeouts on ``get``) and in threads (timeouts on
+``threading.Event.wait``), so a regression fails instead of hanging.
+
+The shared body's lock is a ``gevent.lock.RLock`` that Flask consumers called
+from a thread task take in that thread. The last section tests what this
+relies on in gevent itself, rather than assuming it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import threading
+import time
+import typing as t
+
+import flask
+import gevent
+import gevent.event
+import gevent.exceptions
+import gevent.threadpool
+import pytest
+from flask import Flask, g, request, session
+from gevent.lock import RLock
+from httpkit import multipart, wait_for
+
+import geventctx
+from geventctx import registry
+from geventctx.flask import GeventContext
+
+user = contextvars.ContextVar("test_threadpool.user", default=None)
+leak = contextvars.ContextVar("test_threadpool.leak", default=None)
+
+WAIT = 5  # every wait is bounded
+HUB_THREAD = threading.get_ident()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def settle(n: int = 5) -> None:
+    for _ in range(n):
+        gevent.sleep(0.01)
+
+
+@pytest.fixture
+def pools():
+    """ThreadPools made by a test; their threads are stopped at the end."""
+    made: list[geventctx.ThreadPool] = []
+
+    def make(maxsize: int) -> geventctx.ThreadPool:
+        pool = geventctx.ThreadPool(maxsize)
+        made.append(pool)
+        return pool
+
+    yield make
+    stuck = []
+    for pool in made:
+        with gevent.Timeout(WAIT, False):
+            pool.kill()  # waits for the threads to end
+            continue
+        stuck.append(pool)
+    assert not stuck, f"thread pool threads did not end: {stuck}"
+
+
+@pytest.fixture
+def thread_gates():
+    """Native events thread tasks wait on; all set at the end so no thread is left waiting."""
+    made: list[threading.Event] = []
+
+    def make() -> threading.Event:
+        event = threading.Event()
+        made.append(event)
+        return event
+
+    yield make
+    for event in made:
+        event.set()
+
+
+class App:
+    """A Flask app with the extension; records teardowns and counts socket reads."""
+
+    def __init__(self) -> None:
+        self.app = Flask(__name__)
+        self.app.secret_key = "geventctx-tests"
+        GeventContext(self.app)
+        self.events: list[str] = []
+        self.socket_reads: list[list[int]] = []
+
+        @self.app.teardown_request
+        def record(exc):
+            self.events.append("teardown_request")
+
+        # Outside GeventContext's IsolatedApp (wrapped after init_app): sees
+        # the server's real wsgi.input.
+        inner = self.app.wsgi_app
+        counters = self.socket_reads
+
+        def counting(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+            counter = [0]
+            counters.append(counter)
+            environ["wsgi.input"] = CountingInput(environ["wsgi.input"], counter)
+            return inner(environ, start_response)
+
+        self.app.wsgi_app = counting  # type: ignore[method-assign]
+
+    def torn_down(self) -> int:
+        return self.events.count("teardown_request")
+
+    def wait_torn_down(self) -> None:
+        wait_for(lambda: self.torn_down() >= 1, WAIT, "teardown_request")
+        settle()
+
+
+class CountingInput:
+    def __init__(self, inner: t.Any, counter: list[int]) -> None:
+        self.inner = inner
+        self.counter = counter
+
+    def read(self, *args: t.Any) -> bytes:
+        data = self.inner.read(*args)
+        self.counter[0] += len(data)
+        return data
+
+    def readline(self, *args: t.Any) -> bytes:
+        data = self.inner.readline(*args)
+        self.counter[0] += len(data)
+        return data
+
+
+def shared_body() -> t.Any:
+    return geventctx.current_scope().extras["body"]
+
+
+def lock_held(body: t.Any) -> bool:
+    # RLock.locked() is gevent >= 25.4.1; its semaphore's is older.
+    return body.lock._block.locked()
+
+
+def probe(_=None):
+    """What a thread task sees."""
+    return {
+        "user": user.get(),
+        "path": request.path,
+        "marker": g.marker,
+        "in_thread": threading.get_ident() != HUB_THREAD,
+    }
+
+
+EXPECTED = {"user": "alice", "path": "/run", "marker": "view-g", "in_thread": True}
+
+METHODS: dict[str, t.Callable[[geventctx.ThreadPool, list], list]] = {
+    "spawn": lambda pool, cb: [pool.spawn(probe).get(timeout=WAIT)],
+    "apply": lambda pool, cb: [pool.apply(probe)],
+    "apply_async": lambda pool, cb: [pool.apply_async(probe, callback=cb).get(timeout=WAIT)],
+    "map": lambda pool, cb: pool.map(probe, range(3)),
+    "imap": lambda pool, cb: list(pool.imap(probe, range(3))),
+    "imap_unordered": lambda pool, cb: list(pool.imap_unordered(probe, range(3))),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_runs_tasks_in_a_copy_of_the_callers_context(serve, pools, method):
+    pool = pools(2)
+    app = App()
+    results = {}
+    callbacks = []
+
+    def callback(value):
+        callbacks.append((value["user"], user.get(), request.path))
+
+    @app.app.route("/run")
+    def run():
+        g.marker = "view-g"
+        user.set("alice")
+        results["tasks"] = METHODS[method](pool, callback)
+        if method == "apply_async":
+            wait_for(lambda: callbacks, WAIT, "the callback")
+        return "ok"
+
+    assert serve(app.app).request("GET", "/run").status == 200
+    assert results["tasks"] and all(r == EXPECTED for r in results["tasks"]), results
+    if method == "apply_async":
+        assert callbacks == [("alice", "alice", "/run")]  # the callback too
+    app.wait_torn_down()
+
+
+def test_control_gevent_threadpool_task_does_not_see_the_request(serve, pools):
+    pool = gevent.threadpool.ThreadPool(1)
+    app = App()
+    seen = []
+
+    @app.app.route("/run")
+    def run():
+        user.set("alice")
+        seen.append(pool.spawn(lambda: (flask.has_request_context(), user.get())).get(timeout=WAIT))
+        return "ok"
+
+    try:
+        assert serve(app.app).request("GET", "/run").status == 200
+    finally:
+        pool.kill()
+    assert seen == [(False, None)]
+
+
+def test_a_worker_thread_never_keeps_a_previous_tasks_context(serve, pools):
+    pool = pools(1)  # one thread: task 2 runs where task 1 ran
+    app = App()
+    first = {}
+
+    def task1():
+        first["thread"] = threading.get_ident()
+        first["seen"] = (user.get(), flask.has_request_context())
+        leak.set("set by task 1")  # a write the worker must not keep
+        user.set("changed by task 1")
+
+    def task2():
+        return {
+            "thread": threading.get_ident(),
+            "request": flask.has_request_context(),
+            "vars": {var.name: value for var, value in contextvars.copy_context().items()},
+        }
+
+    @app.app.route("/run")
+    def run():
+        g.marker = "view-g"
+        user.set("alice")
+        pool.spawn(task1).get(timeout=WAIT)
+        return "ok"
+
+    assert serve(app.app).request("GET", "/run").status == 200
+    app.wait_torn_down()
+    # Task 2 comes from a context without the request and without `user`.
+    second = contextvars.Context().run(lambda: pool.spawn(task2).get(timeout=WAIT))
+    # The worker thread's own context, seen by a plain gevent task on that thread.
+    own = gevent.threadpool.ThreadPool.spawn(pool, task2).get(timeout=WAIT)
+    assert first["seen"] == ("alice", True)
+    assert second["thread"] == own["thread"] == first["thread"]
+    assert second["request"] is False and own["request"] is False
+    assert "test_threadpool.user" not in second["vars"] and "test_threadpool.leak" not in second["vars"]
+    assert "test_threadpool.user" not in own["vars"] and "test_threadpool.leak" not in own["vars"]
+    assert user.get() is None and leak.get() is None  # nor did anything reach this test
+
+
+def test_the_request_is_held_until_its_thread_tasks_end(serve, pools, thread_gates):
+    pool = pools(2)
+    app = App()
+    release = thread_gates()
+    results = []
+
+    def task():
+        released = release.wait(WAIT)
+        app.events.append("task-end")
+        return released, request.path, g.marker
+
+    @app.app.route("/run")
+    def run():
+        g.marker = "view-g"
+        results.append(pool.spawn(task))
+        app.events.append("view-end")
+        return "done"
+
+    response = serve(app.app).request("GET", "/run")
+    assert response.status == 200 and response.body == b"done"  # not delayed
+    settle()
+    assert app.events == ["view-end"]  # teardown waits for the thread task
+    assert [r.function for r in registry.live()] == [task]
+    release.set()
+    app.wait_torn_down()
+    assert app.events == ["view-end", "task-end", "teardown_request"]
+    assert results[0].get(timeout=0) == (True, "/run", "view-g")
+
+
+# -- the body, from threads ---------------------------------------------------------------
+
+JSON_DOC = {"items": list(range(1000)), "text": "caf\u00e9 " * 150}
+JSON_BODY = json.dumps(JSON_DOC).encode()
+FIELDS = {"name": "ada", "note": "n" * 2000}
+FILE_CONTENT = bytes(range(256)) * 24
+FORM_BODY, FORM_TYPE = multipart(FIELDS, {"f": ("a.bin", FILE_CONTENT)})
+
+CONSUMERS: dict[str, t.Callable[[], t.Any]] = {
+    "get_data": lambda: sha(request.get_data()),
+    "stream": lambda: sha(request.stream.read()),
+    "json": lambda: request.get_json(),
+    "form": lambda: request.form.to_dict(flat=False),
+    "files": lambda: {name: sha(upload.read()) for name, upload in request.files.items()},
+}
+
+
+def expected(name: str, body: bytes) -> t.Any:
+    if name in ("get_data", "stream"):
+        return sha(body)
+    if name == "json":
+        return JSON_DOC
+    if name == "form":
+        return {k: [v] for k, v in FIELDS.items()}
+    return {"f": sha(FILE_CONTENT)}
+
+
+CASES = [  # body, content type, the parent's consumer, the thread's consumer
+    pytest.param(JSON_BODY, "application/json", "get_data", "get_data", id="json-get_data-get_data"),
+    pytest.param(JSON_BODY, "application/json", "json", "stream", id="json-json-stream"),
+    pytest.param(JSON_BODY, "application/json", "stream", "json", id="json-stream-json"),
+    pytest.param(FORM_BODY, FORM_TYPE, "form", "files", id="form-form-files"),
+    pytest.param(FORM_BODY, FORM_TYPE, "files", "form", id="form-files-form"),
+    pytest.param(FORM_BODY, FORM_TYPE, "get_data", "form", id="form-get_data-form"),
+]
+
+
+@pytest.mark.parametrize("first", ["thread-first", "parent-first"])
+@pytest.mark.parametrize("body, content_type, parent, thread", CASES)
+def test_thread_and_parent_read_the_body_concurrently_once(serve, pools, first, body, content_type, parent, thread):
+    # The client trickles the body. "thread-first": the thread task takes the
+    # body lock (or starts the read) while nothing has arrived, then the
+    # parent asks; "parent-first": the parent is reading under the lock when
+    # the thread asks. Either way the other reader asks before the body is in.
+    pool = pools(1)
+    app = App()
+    outcome: dict[str, t.Any] = {}
+
+    def thread_task():
+        body_ = shared_body()
+        if first == "parent-first":
+            deadline = time.monotonic() + WAIT
+            while not lock_held(body_) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        loaded = body_.loaded
+        return loaded, CONSUMERS[thread]()
+
+    @app.app.route("/read", methods=["POST"])
+    def read():
+        body_ = shared_body()
+        result = pool.spawn(thread_task)
+        if first == "thread-first":
+            wait_for(lambda: lock_held(body_), WAIT, "the thread to take the body")
+        outcome["parent_loaded"] = body_.loaded
+        outcome["parent"] = CONSUMERS[parent]()
+        outcome["thread_loaded"], outcome["thread"] = result.get(timeout=WAIT)
+        return "read"
+
+    response = serve(app.app).request(
+        "POST", "/read", headers={"Content-Type": content_type}, body=body,
+        piece=-(-len(body) // 8), delay=0.01, timeout=WAIT,
+    )
+    assert response.status == 200, response.body
+    assert outcome["parent"] == expected(parent, body)
+    assert outcome["thread"] == expected(thread, body)
+    # Both really contended: each asked while the body was still arriving.
+    assert outcome["parent_loaded"] is False and outcome["thread_loaded"] is False
+    assert app.socket_reads == [[len(body)]]  # the socket was read once
+    app.wait_torn_down()
+
+
+def test_tasks_reusing_a_thread_each_read_the_whole_body_and_files(serve, pools):
+    # Readers keep their position per greenlet; a worker thread runs task
+    # after task, each must start at the beginning.
+    pool = pools(1)
+    app = App()
+    results = {}
+
+    def task(_):
+        return threading.get_ident(), sha(request.stream.read()), sha(request.files["f"].read())
+
+    @app.app.route("/read", methods=["POST"])
+    def read():
+        results["tasks"] = pool.map(task, range(3))
+        return "read"
+
+    response = serve(app.app).request(
+        "POST", "/read", headers={"Content-Type": FORM_TYPE}, body=FORM_BODY, timeout=WAIT
+    )
+    assert response.status == 200
+    threads = {ident for ident, _, _ in results["tasks"]}
+    assert len(threads) == 1
+    assert [r[1:] for r in results["tasks"]] == [(sha(FORM_BODY), sha(FILE_CONTENT))] * 3
+    app.wait_torn_down()
+
+
+def test_session_mutation_from_a_thread_after_the_response_warns(serve, pools, thread_gates):
+    pool = pools(1)
+    app = App()
+    release, done = thread_gates(), thread_gates()
+    threads = []
+
+    def task():
+        threads.append(threading.get_ident())
+        release.wait(WAIT)
+        try:
+            session["late"] = 1  # LATE-THREAD-WRITE
+        finally:
+            done.set()
+
+    @app.app.route("/late")
+    def late():
+        pool.spawn(task)
+        return "ok"
+
+    # catch_warnings (under pytest.warns) swaps process-wide state, so it
+    # records a warning issued in another thread too.
+    with pytest.warns(geventctx.SessionMutationWarning, match="GET /late.*after it was saved") as record:
+        response = serve(app.app).request("GET", "/late")
+        assert response.status == 200 and "set-cookie" not in response.headers
+        release.set()
+        wait_for(done.is_set, WAIT, "the thread task")
+        app.wait_torn_down()
+    (warning,) = [w for w in record if issubclass(w.category, geventctx.SessionMutationWarning)]
+    assert threads and threads[0] != HUB_THREAD
+    assert warning.filename == __file__
+    with open(__file__, encoding="utf-8") as source:
+        assert "LATE-THREAD-WRITE" in source.read().splitlines()[warning.lineno - 1]
+
+
+# -- what gevent's locks do across threads (relied on by the body lock) ----------------
+
+
+def test_gevent_rlock_held_by_a_greenlet_blocks_a_thread_and_not_the_hub(pools):
+    pool = pools(1)
+    lock = RLock()
+    steps = []
+    lock.acquire()
+
+    def in_thread():
+        steps.append("thread-asks")
+        got = lock.acquire(timeout=WAIT)
+        steps.append("thread-has-it")
+        lock.release()
+        return got
+
+    result = pool.spawn(in_thread)
+    wait_for(lambda: steps == ["thread-asks"], WAIT, "the thread to ask")
+    ticks = [gevent.spawn(gevent.sleep, 0) for _ in range(3)]
+    gevent.joinall(ticks, timeout=WAIT)  # the hub runs while the thread waits
+    assert all(t.dead for t in ticks)
+    settle()
+    assert steps == ["thread-asks"]  # excluded
+    lock.release()
+    assert result.get(timeout=WAIT) is True
+    assert steps == ["thread-asks", "thread-has-it"]
+    assert lock.acquire(blocking=False)  # released by the thread, free again
+    lock.release()
+
+
+def test_gevent_rlock_held_by_a_thread_makes_a_greenlet_wait_cooperatively(pools, thread_gates):
+    pool = pools(1)
+    lock = RLock()
+    release = thread_gates()
+    steps = []
+
+    def in_thread():
+        with lock:
+            with lock:  # reentrant in its owner
+                steps.append("thread-has-it")
+                release.wait(WAIT)
+                steps.append("thread-releases")
+
+    def greenlet_waits():
+        with lock:
+            steps.append("greenlet-has-it")
+
+    result = pool.spawn(in_thread)
+    wait_for(lambda: steps == ["thread-has-it"], WAIT, "the thread to hold the lock")
+    waiter = gevent.spawn(greenlet_waits)
+    other = gevent.spawn(lambda: "ran")
+    gevent.joinall([other], timeout=WAIT)
+    assert other.value == "ran"  # the waiting greenlet does not block the hub
+    assert not waiter.dead and steps == ["thread-has-it"]
+    with pytest.raises(RuntimeError):
+        lock.release()  # not its owner
+    release.set()
+    waiter.join(timeout=WAIT)
+    result.get(timeout=WAIT)
+    assert steps == ["thread-has-it", "thread-releases", "greenlet-has-it"]
+
+
+def test_gevent_rlock_excludes_threads_from_each_other(pools):
+    pool = pools(4)
+    lock = RLock()
+    inside = []
+    overlaps = []
+
+    def critical(i):
+        for _ in range(20):
+            with lock:
+                inside.append(i)
+                if len(inside) > 1:
+                    overlaps.append(list(inside))
+                time.sleep(0.0002)
+                inside.remove(i)
+        return i
+
+    results = pool.map(critical, range(4))
+    assert results == [0, 1, 2, 3]
+    assert overlaps == []
+
+
+def test_tasks_that_use_gevent_in_their_thread_keep_its_hub_working(pools):
+    # A task may start a hub in its worker thread (gevent.sleep there); the
+    # next tasks on that thread use it, and its errors reach the task that
+    # is running, which can handle them, as in gevent's own ThreadPool.
+    pool = pools(1)
+
+    def sleeps(i):
+        gevent.sleep(0.001)
+        return i, threading.get_ident(), user.get()
+
+    def waits_on_nothing():
+        try:
+            gevent.event.Event().wait()  # nothing in this thread's hub can set it
+        except gevent.exceptions.LoopExit:
+            return "LoopExit handled by the task"
+
+    def body():
+        user.set("alice")
+        return [
+            pool.spawn(sleeps, 0).get(timeout=WAIT),
+            pool.spawn(waits_on_nothing).get(timeout=WAIT),
+            pool.spawn(sleeps, 1).get(timeout=WAIT),
+            pool.spawn(waits_on_nothing).get(timeout=WAIT),
+        ]
+
+    first, loop_exit, second, again = contextvars.Context().run(body)
+    assert first[0::2] == (0, "alice") and second[0::2] == (1, "alice")
+    assert first[1] == second[1] != HUB_THREAD
+    assert loop_exit == again == "LoopExit handled by the task"
