@@ -9,6 +9,7 @@ handler, a body reader, a teardown runner, a plain ``gevent.spawn``).
 
 from __future__ import annotations
 
+import functools
 import gc
 import typing as t
 import weakref
@@ -108,17 +109,15 @@ def collect() -> t.Callable[[], None]:
 
 
 @pytest.fixture
-def serve() -> t.Iterator[t.Callable[..., t.Any]]:
-    """``serve(app)`` starts a real gevent.pywsgi server on 127.0.0.1."""
-    from httpkit import Server
+def serve(gevent_server: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    """``serve(app)``: geventctx's own ``gevent_server`` fixture (a real
+    gevent.pywsgi server on 127.0.0.1, stopped after the test), plus
+    ``server.request(...)``, the raw-socket client of httpkit."""
+    from httpkit import request
 
-    servers: list[Server] = []
-
-    def start(app: t.Any, **kwargs: t.Any) -> Server:
-        server = Server(app, **kwargs)
-        servers.append(server)
+    def start(app: t.Any, **kwargs: t.Any) -> t.Any:
+        server = gevent_server(app, **kwargs)
+        server.request = functools.partial(request, server.port)
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start

@@ -1,6 +1,7 @@
-"""A real gevent.pywsgi server on 127.0.0.1 and a raw-socket HTTP/1.1 client.
+"""A raw-socket HTTP/1.1 client for real servers on 127.0.0.1, and test helpers.
 
-The client speaks HTTP by hand so that tests control every byte and every
+The servers come from geventctx's pytest plugin (``gevent_server``, wrapped
+as ``serve`` in conftest.py). The client speaks HTTP by hand so that tests control every byte and every
 pause: Content-Length bodies trickled in pieces, chunked bodies, malformed
 chunking, and clients that vanish mid-upload. It uses gevent sockets, so the
 server and the client share the test's hub. Every wait is bounded.
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 
 import gevent
 from gevent import socket
-from gevent.pywsgi import WSGIServer
 
 
 @dataclass
@@ -29,22 +29,6 @@ class Response:
 
     def json(self) -> t.Any:
         return _json.loads(self.body)
-
-
-class Server:
-    """A pywsgi server bound to 127.0.0.1 on a free port, in this hub."""
-
-    def __init__(self, app: t.Any, **kwargs: t.Any) -> None:
-        kwargs.setdefault("log", None)
-        self.server = WSGIServer(("127.0.0.1", 0), app, **kwargs)
-        self.server.start()
-        self.port: int = self.server.server_port
-
-    def stop(self, timeout: float = 5) -> None:
-        self.server.stop(timeout=timeout)
-
-    def request(self, method: str, path: str, **kwargs: t.Any) -> Response:
-        return request(self.port, method, path, **kwargs)
 
 
 def _encode_request(
@@ -174,3 +158,34 @@ def multipart(
             + b"\r\n"
         )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def pieces(data: bytes, n: int) -> list[bytes]:
+    """``data`` cut into ``n`` (nearly) equal pieces, to send one by one."""
+    size = -(-len(data) // n)
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def settle(n: int = 5) -> None:
+    """Let pending hub callbacks run, so that a second (wrong) teardown or an
+    early (wrong) close would show before the test asserts."""
+    for _ in range(n):
+        gevent.sleep(0.01)
+
+
+class CountingInput:
+    """The server's wsgi.input, counting the bytes the app takes from it."""
+
+    def __init__(self, inner: t.Any, counter: list[int]) -> None:
+        self.inner = inner
+        self.counter = counter
+
+    def read(self, *args: t.Any) -> bytes:
+        data = self.inner.read(*args)
+        self.counter[0] += len(data)
+        return data
+
+    def readline(self, *args: t.Any) -> bytes:
+        data = self.inner.readline(*args)
+        self.counter[0] += len(data)
+        return data

@@ -21,7 +21,7 @@ import gevent
 import pytest
 from flask import Flask, request
 from gevent.event import Event
-from httpkit import multipart, wait_for
+from httpkit import CountingInput, multipart, pieces, wait_for
 from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
 
 import geventctx
@@ -75,11 +75,6 @@ def expected(name: str, body: bytes) -> t.Any:
     raise AssertionError(name)
 
 
-def pieces(data: bytes, n: int) -> list[bytes]:
-    size = -(-len(data) // n)
-    return [data[i : i + size] for i in range(0, len(data), size)]
-
-
 # -- the app side --------------------------------------------------------------------
 
 
@@ -121,24 +116,6 @@ def read_everywhere(parent: str, children: t.Sequence[str], outcomes: list[Outco
         if not kid.dead:
             kid.kill(block=True, timeout=1)
             outcomes.append(Outcome("hung", "?", error=AssertionError("a reader hung")))
-
-
-class CountingInput:
-    """The server's wsgi.input, counting the bytes the app takes from it."""
-
-    def __init__(self, inner: t.Any, counter: list[int]) -> None:
-        self.inner = inner
-        self.counter = counter
-
-    def read(self, *args: t.Any) -> bytes:
-        data = self.inner.read(*args)
-        self.counter[0] += len(data)
-        return data
-
-    def readline(self, *args: t.Any) -> bytes:
-        data = self.inner.readline(*args)
-        self.counter[0] += len(data)
-        return data
 
 
 def count_socket_reads(app: Flask) -> list[list[int]]:

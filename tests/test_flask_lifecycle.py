@@ -36,7 +36,7 @@ from flask import (
 )
 from flask.globals import _cv_app, _cv_request
 from gevent.event import Event
-from httpkit import wait_for
+from httpkit import settle, wait_for
 
 import geventctx
 from geventctx import registry
@@ -53,12 +53,6 @@ def line_of(marker: str) -> int:
         found = [n for n, text in enumerate(f, 1) if text.rstrip().endswith(f"# {marker}")]
     assert len(found) == 1, (marker, found)
     return found[0]
-
-
-def settle(n: int = 5) -> None:
-    """Let pending hub callbacks run, so that a second (wrong) teardown would show."""
-    for _ in range(n):
-        gevent.sleep(0.01)
 
 
 class Lifecycle:

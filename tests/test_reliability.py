@@ -59,7 +59,7 @@ import pytest
 from flask import Flask, Request, g, jsonify, request, session
 from gevent import socket
 from gevent.event import Event
-from httpkit import Response, _read_response, multipart, wait_for
+from httpkit import CountingInput, Response, _read_response, multipart, settle, wait_for
 from httpkit import request as http_request
 from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
@@ -82,12 +82,6 @@ def sha(data: bytes | str) -> str:
 def canonical(value: t.Any) -> str:
     """A digest of a JSON-able value, independent of dict order."""
     return sha(json.dumps(value, sort_keys=True, ensure_ascii=False))
-
-
-def settle(n: int = 5) -> None:
-    """Let pending hub callbacks run, so that a second (wrong) teardown would show."""
-    for _ in range(n):
-        gevent.sleep(0.01)
 
 
 def seeded(name: str) -> random.Random:
@@ -496,24 +490,6 @@ def make_upload(rng: random.Random, n: int, largest: int) -> Upload:
     expected["values"] = canonical(sorted(args + form))
     readers = [rng.choice(READERS_FOR[kind]) for _ in range(4)]
     return Upload(rid, kind, transfer, body, content_type, readers, expected)
-
-
-class CountingInput:
-    """The server's wsgi.input, counting the bytes the app takes from it."""
-
-    def __init__(self, inner: t.Any, counter: list[int]) -> None:
-        self.inner = inner
-        self.counter = counter
-
-    def read(self, *args: t.Any) -> bytes:
-        data = self.inner.read(*args)
-        self.counter[0] += len(data)
-        return data
-
-    def readline(self, *args: t.Any) -> bytes:
-        data = self.inner.readline(*args)
-        self.counter[0] += len(data)
-        return data
 
 
 def counting(app: t.Any, counters: dict[str, list[int]]) -> t.Any:

@@ -29,7 +29,7 @@ import gevent.threadpool
 import pytest
 from flask import Flask, g, request, session
 from gevent.lock import RLock
-from httpkit import multipart, wait_for
+from httpkit import CountingInput, multipart, settle, wait_for
 
 import geventctx
 from geventctx import registry
@@ -44,11 +44,6 @@ HUB_THREAD = threading.get_ident()
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def settle(n: int = 5) -> None:
-    for _ in range(n):
-        gevent.sleep(0.01)
 
 
 @pytest.fixture
@@ -119,22 +114,6 @@ class App:
     def wait_torn_down(self) -> None:
         wait_for(lambda: self.torn_down() >= 1, WAIT, "teardown_request")
         settle()
-
-
-class CountingInput:
-    def __init__(self, inner: t.Any, counter: list[int]) -> None:
-        self.inner = inner
-        self.counter = counter
-
-    def read(self, *args: t.Any) -> bytes:
-        data = self.inner.read(*args)
-        self.counter[0] += len(data)
-        return data
-
-    def readline(self, *args: t.Any) -> bytes:
-        data = self.inner.readline(*args)
-        self.counter[0] += len(data)
-        return data
 
 
 def shared_body() -> t.Any:

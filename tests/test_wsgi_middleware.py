@@ -31,7 +31,7 @@ from flask import Flask
 from flask import request as flask_request
 from gevent import socket
 from gevent.event import Event
-from httpkit import _dechunk, multipart, wait_for
+from httpkit import CountingInput, _dechunk, multipart, pieces, settle, wait_for
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
@@ -61,12 +61,6 @@ def line_of(marker: str) -> int:
     return found[0]
 
 
-def settle(n: int = 5) -> None:
-    """Let pending hub callbacks run, so that an early (wrong) close would show."""
-    for _ in range(n):
-        gevent.sleep(0.01)
-
-
 @pytest.fixture
 def gates() -> t.Iterator[t.Callable[[], Event]]:
     """Events the test opens; all opened at the end so no child is left waiting."""
@@ -83,24 +77,6 @@ def gates() -> t.Iterator[t.Callable[[], Event]]:
 
 
 # -- WSGI pieces ------------------------------------------------------------------------
-
-
-class CountingInput:
-    """The server's wsgi.input, counting the bytes the app takes from it."""
-
-    def __init__(self, inner: t.Any, counter: list[int]) -> None:
-        self.inner = inner
-        self.counter = counter
-
-    def read(self, *args: t.Any) -> bytes:
-        data = self.inner.read(*args)
-        self.counter[0] += len(data)
-        return data
-
-    def readline(self, *args: t.Any) -> bytes:
-        data = self.inner.readline(*args)
-        self.counter[0] += len(data)
-        return data
 
 
 def counting(app: t.Any) -> tuple[t.Any, list[list[int]]]:
@@ -280,11 +256,6 @@ def expected(name: str, body: bytes) -> t.Any:
     if name == "files":
         return {"f": sha(FILE_CONTENT)}
     return sha(body)
-
-
-def pieces(data: bytes, n: int) -> list[bytes]:
-    size = -(-len(data) // n)
-    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @dataclass
