@@ -46,7 +46,7 @@ werkzeug_for = $(if $(filter 2.3,$(1)),werkzeug==2.3.*,$(if $(filter 3.0,$(1)),w
 .PRECIOUS: .venv-flask-%/.installed
 test-flask-%: .venv-flask-%/.installed
 	.venv-flask-$*/bin/python -c "from importlib.metadata import version as v; print('Flask', v('flask'), 'Werkzeug', v('werkzeug'))"
-	.venv-flask-$*/bin/python -m pytest -q
+	.venv-flask-$*/bin/python -m pytest -q -m "not slow"
 
 test-flask-matrix: $(foreach v,$(FLASK_MATRIX),test-flask-$(v))
 

@@ -368,11 +368,13 @@ def share_wsgi_input(
         raw_environ["wsgi.input"] = raw
         limit = shared.max_length()
         stream = get_input_stream(raw_environ, max_content_length=limit)
-        if limit is not None and isinstance(stream, LimitedStream):
+        if limit is not None and environ.get("wsgi.input_terminated"):
             # A body of unknown length (chunked) on a server that ends its
             # input itself: Werkzeug's max-limited stream stops silently at
-            # the limit, which would hand every reader a truncated body.
-            # Read one byte past it to tell them apart.
+            # the limit, which would hand every reader a truncated body (and
+            # Werkzeug 2.3 does not limit it at all, while its form parser
+            # does: readers disagreed). Read one byte past the limit to tell
+            # a body that fits from one that does not, the same for all.
             return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
         return _WholeBody(stream, None)
 
