@@ -121,3 +121,21 @@ def serve(gevent_server: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
         return server
 
     return start
+
+
+@pytest.fixture
+def gates() -> t.Iterator[t.Callable[[], t.Any]]:
+    """``gates()`` makes a gevent Event the test opens; every one is opened at
+    the end, so that no child is left waiting on it."""
+    from gevent.event import Event
+
+    made: list[Event] = []
+
+    def make() -> Event:
+        event = Event()
+        made.append(event)
+        return event
+
+    yield make
+    for event in made:
+        event.set()

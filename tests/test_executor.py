@@ -59,21 +59,6 @@ def settle(n: int = 5) -> None:
 
 
 @pytest.fixture
-def gates():
-    """gevent Events the test opens; all opened at the end so no task is left waiting."""
-    made: list[Event] = []
-
-    def make() -> Event:
-        event = Event()
-        made.append(event)
-        return event
-
-    yield make
-    for event in made:
-        event.set()
-
-
-@pytest.fixture
 def executors():
     """Executors made by a test; shut down (queued tasks cancelled) at the end."""
     made: list[geventctx.Executor] = []

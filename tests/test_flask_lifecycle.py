@@ -111,21 +111,6 @@ def make_app(*, extension: bool = True, **config) -> Flask:
     return app
 
 
-@pytest.fixture
-def gates():
-    """Events the test opens; all opened at the end so no child is left waiting."""
-    made: list[Event] = []
-
-    def make() -> Event:
-        event = Event()
-        made.append(event)
-        return event
-
-    yield make
-    for event in made:
-        event.set()
-
-
 # -- G3: same objects, no push/pop in the child -----------------------------------
 
 

@@ -61,21 +61,6 @@ def line_of(marker: str) -> int:
     return found[0]
 
 
-@pytest.fixture
-def gates() -> t.Iterator[t.Callable[[], Event]]:
-    """Events the test opens; all opened at the end so no child is left waiting."""
-    made: list[Event] = []
-
-    def make() -> Event:
-        event = Event()
-        made.append(event)
-        return event
-
-    yield make
-    for event in made:
-        event.set()
-
-
 # -- WSGI pieces ------------------------------------------------------------------------
 
 
