@@ -43,10 +43,14 @@ def install(hub: t.Any = None) -> None:
         if context is not None and isinstance(type_, type) and not issubclass(
             type_, hub.SYSTEM_ERROR + hub.NOT_ERROR
         ):
-            entry = registry._live.get(id(context))
+            child = context
+            if isinstance(context, tuple) and len(context) == 2:
+                # A ThreadPool task: gevent reports it as (worker, task).
+                child = getattr(context[1], "handoff", None) or context
+            entry = registry._live.get(id(child))
             if (
                 entry is not None
-                and entry[0]() is context
+                and entry[0]() is child
                 and entry[2] is not None
                 and not entry[2].extras.get(OPT_OUT)
             ):

@@ -49,14 +49,30 @@ class ThreadPool(_ContextMappingMixin, gevent.threadpool.ThreadPool):
         site = caller_site(_getframe(0).f_back)
         context = copy_context()
         scope = pin_current_scope(site)
+        task = _ThreadTask()
         try:
-            result = gevent.threadpool.ThreadPool.spawn(self, _run_task, context, func, args, kwargs)
+            result = gevent.threadpool.ThreadPool.spawn(self, task, context, func, args, kwargs)
         except BaseException:
             if scope is not None:
                 scope.release()
             raise
+        # gevent reports a failed task to the hub as (worker, task): this is
+        # how geventctx's error log finds the hand-off, its request and site.
+        task.handoff = result
         bind(result, context, scope, site, func)
         return result
+
+
+class _ThreadTask:
+    """What a worker thread runs for one task (one object per task)."""
+
+    __slots__ = ("handoff",)
+
+    def __init__(self) -> None:
+        self.handoff: AsyncResult | None = None
+
+    def __call__(self, context: Context, func: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> t.Any:
+        return _run_task(context, func, args, kwargs)
 
 
 def _run_task(context: Context, func: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> t.Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
+import logging
 import threading
 import time
 import typing as t
@@ -511,3 +512,32 @@ def test_tasks_that_use_gevent_in_their_thread_keep_its_hub_working(pools):
     assert first[0::2] == (0, "alice") and second[0::2] == (1, "alice")
     assert first[1] == second[1] != HUB_THREAD
     assert loop_exit == again == "LoopExit handled by the task"
+
+
+def test_a_failing_thread_task_is_logged_once_with_request_and_site(serve, pools, caplog, capfd):
+    pool = pools(1)
+    app = App()
+    errors = []
+
+    def explode():
+        raise KeyError("thread task failed")
+
+    @app.app.route("/explode")
+    def explode_view():
+        result = pool.spawn(explode)  # THREAD-SPAWN
+        result.wait(WAIT)
+        errors.append(result.exception)
+        return "ok"
+
+    with caplog.at_level(logging.ERROR, logger="geventctx"):
+        assert serve(app.app).request("GET", "/explode").status == 200
+        wait_for(lambda: not geventctx.registry.live(), WAIT, "the task's hand-off to end")
+        gevent.sleep(0.05)
+    assert isinstance(errors[0], KeyError)  # the caller still gets the exception
+    records = [r for r in caplog.records if r.name == "geventctx"]
+    assert len(records) == 1, records
+    line = next(n for n, text in enumerate(open(__file__), 1) if text.rstrip().endswith("# THREAD-SPAWN"))
+    message = records[0].getMessage()
+    assert "GET /explode" in message and f"{__file__}:{line}" in message and "explode" in message
+    assert records[0].exc_info[0] is KeyError
+    assert "KeyError" not in capfd.readouterr().err  # not printed by gevent a second time
