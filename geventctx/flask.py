@@ -241,7 +241,10 @@ class GeventContext:
             app.session_interface = _GuardedSessionInterface(app.session_interface, self)
         # Each request in a context of its own: a contextvar one request sets
         # must not reach the next request on a keep-alive connection (G2).
-        app.wsgi_app = IsolatedApp(app.wsgi_app)  # type: ignore[method-assign]
+        # The response iterable's close() (Werkzeug's call_on_close hooks) is
+        # the last step of a request's teardown: it waits for the children
+        # too (G4).
+        app.wsgi_app = IsolatedApp(_DeferredResponseClose(app.wsgi_app))  # type: ignore[method-assign]
 
     # -- request start ----------------------------------------------------------
 
@@ -257,6 +260,7 @@ class GeventContext:
         if isinstance(outer, Scope):
             scope.hold_parent(outer)  # the WSGI middleware's request
         ctx._geventctx_scope = scope
+        environ[_ENVIRON_FLASK_SCOPE] = scope
         ctx._geventctx_token = scope.enter()
         app_ctx = _app_ctx_pushed_by(ctx)
         if app_ctx is not None:
@@ -357,6 +361,40 @@ class GeventContext:
             original(exc)
         else:
             scope.on_close(copy_context().run, original, exc)
+
+
+_ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
+
+
+class _DeferredResponseClose:
+    """Wraps ``app.wsgi_app``: the response's ``close()`` waits for the children."""
+
+    def __init__(self, wsgi_app: t.Callable[..., t.Any]) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Callable[..., t.Any]) -> t.Any:
+        return _ClosingLater(self.wsgi_app(environ, start_response), environ)
+
+
+class _ClosingLater:
+    def __init__(self, result: t.Any, environ: dict[str, t.Any]) -> None:
+        self.result = result
+        self.environ = environ
+
+    def __iter__(self) -> t.Iterator[bytes]:
+        return iter(self.result)
+
+    def close(self) -> None:
+        close = getattr(self.result, "close", None)
+        if close is None:
+            return
+        scope: Scope | None = self.environ.get(_ENVIRON_FLASK_SCOPE)
+        if scope is None or scope.done:
+            close()
+        else:
+            # After teardown_request, request.close() and teardown_appcontext,
+            # which were queued when Flask popped the request context.
+            scope.on_close(copy_context().run, close)
 
 
 def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:

@@ -852,3 +852,36 @@ def test_copy_current_request_context_inside_the_extension_closes_the_request_on
     wait_for(lambda: closes, message="request.close")
     gevent.sleep(0.05)
     assert closes == ["/copies"]
+
+
+def test_response_close_hooks_run_once_after_the_children_and_teardown(serve, gates):
+    # Werkzeug's call_on_close hooks run when the server closes the response
+    # iterable: the WSGI end of the request, the last step of teardown (G4).
+    app = Flask(__name__)
+    GeventContext(app)
+    events = []
+    release = gates()
+
+    @app.teardown_request
+    def teardown(exc):
+        events.append("teardown_request")
+
+    @app.route("/")
+    def index():
+        def child():
+            release.wait()
+            events.append("child")
+
+        geventctx.spawn(child)
+        response = flask.make_response("ok")
+        response.call_on_close(lambda: events.append("response closed"))
+        return response
+
+    response = serve(app).request("GET", "/")
+    assert response.status == 200 and response.body == b"ok"
+    settle()
+    assert events == []  # the child still runs: nothing closed yet
+    release.set()
+    wait_for(lambda: "response closed" in events, message="the response's close")
+    settle()
+    assert events == ["child", "teardown_request", "response closed"]
