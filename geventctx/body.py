@@ -103,12 +103,16 @@ class SharedBody(io.RawIOBase):
         if _get_ident() != self._owner_thread:
             return self._load_from_other_thread()
         with self.lock:
-            if self._data is None:
-                if self._error is not None:
-                    raise self._error
-                self._read_all()
-            assert self._data is not None
-            return self._data
+            return self._load_locked()
+
+    def _load_locked(self) -> bytes:
+        # The caller holds the lock.
+        if self._data is None:
+            if self._error is not None:
+                raise self._error
+            self._read_all()
+        assert self._data is not None
+        return self._data
 
     def _load_from_other_thread(self) -> bytes:
         # A ThreadPool task: the request's own hub reads the socket (in a
@@ -118,20 +122,11 @@ class SharedBody(io.RawIOBase):
         # it: it reads under this thread's hold, which excludes every other
         # reader just the same.
         done = _NativeEvent()
-        held_here = self.lock._is_owned()
-
-        def read_under_the_callers_hold() -> None:
-            if self._data is None:
-                if self._error is not None:
-                    raise self._error
-                self._read_all()
+        read = self._load_locked if self.lock._is_owned() else self.load
 
         def read_in_owner_hub() -> None:
             try:
-                if held_here:
-                    read_under_the_callers_hold()
-                else:
-                    self.load()
+                read()
             except BaseException:
                 pass
             finally:
@@ -165,15 +160,12 @@ class SharedBody(io.RawIOBase):
         except BaseException as exc:
             self._error = exc
             raise
+        outcome: list[t.Any] = []
         if self.buffered():
             # The whole body is already in the server's buffer: the read
             # cannot block, so it cannot be interrupted half-way either.
-            outcome: list[t.Any] = []
             _read_into(stream, outcome, None)
-            if not outcome[0]:
-                self._error = outcome[1]
-                raise self._error
-            self._data = outcome[1]
+            self._keep(outcome)
             return
         # The socket is read in a helper greenlet. A read interrupted inside
         # the server's buffered socket file (the reader was killed, or timed
@@ -181,7 +173,6 @@ class SharedBody(io.RawIOBase):
         # forever for them when it discards the rest of the body. The helper
         # is never interrupted: it finishes the read whatever happens to the
         # greenlet that asked for it.
-        outcome = []
         done = self._read_done = Event()
         gevent.spawn_raw(_read_into, stream, outcome, done)
         try:
@@ -192,6 +183,10 @@ class SharedBody(io.RawIOBase):
             else:
                 self._abandon(done)
             raise
+        self._keep(outcome)
+
+    def _keep(self, outcome: list[t.Any]) -> None:
+        # outcome is (True, data) or (False, error), as _read_into left it.
         if not outcome[0]:
             self._error = outcome[1]
             raise self._error
@@ -211,12 +206,7 @@ class SharedBody(io.RawIOBase):
         scope = current_scope()
         if scope is None or scope.closed:
             return
-        hook, scope.on_handoff = scope.on_handoff, None  # not a hand-off
-        try:
-            held = scope.acquire()
-        finally:
-            scope.on_handoff = hook
-        if held:
+        if scope.acquire():
             done.rawlink(lambda _event: scope.release())
 
     # -- file-like, one cursor per greenlet --------------------------------

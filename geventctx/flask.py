@@ -57,7 +57,6 @@ from __future__ import annotations
 import sys
 import typing as t
 import warnings
-from contextvars import copy_context
 
 from flask import Flask
 from flask.globals import _cv_app, _cv_request
@@ -184,9 +183,8 @@ def _seal_session(session: t.Any, scope: Scope, policy: str) -> None:
 class _GuardedSessionInterface(SessionInterface):
     """Delegates to the app's session interface; seals the session once saved."""
 
-    def __init__(self, inner: SessionInterface, ext: GeventContext) -> None:
+    def __init__(self, inner: SessionInterface) -> None:
         self.inner = inner
-        self._ext = ext
 
     def __getattr__(self, name: str) -> t.Any:
         return getattr(self.inner, name)
@@ -238,7 +236,7 @@ class GeventContext:
         app.do_teardown_request = lambda exc=_sentinel: self._teardown_request(original_request, exc)  # type: ignore[method-assign]
         app.do_teardown_appcontext = lambda exc=_sentinel: self._teardown_appctx(original_appctx, exc)  # type: ignore[method-assign]
         if not isinstance(app.session_interface, _GuardedSessionInterface):
-            app.session_interface = _GuardedSessionInterface(app.session_interface, self)
+            app.session_interface = _GuardedSessionInterface(app.session_interface)
         # Each request in a context of its own: a contextvar one request sets
         # must not reach the next request on a keep-alive connection (G2).
         # The response iterable's close() (Werkzeug's call_on_close hooks) is
@@ -298,10 +296,7 @@ class GeventContext:
                 # once, when the scope closes.
                 if not deferred:
                     deferred.append(True)
-                    if scope.done:
-                        close()
-                    else:
-                        scope.on_close(copy_context().run, close)
+                    scope.defer(close)
 
             request.close = deferred_close
 
@@ -327,8 +322,7 @@ class GeventContext:
         if exc is _sentinel:
             exc = sys.exc_info()[1]
         Scope.exit(ctx._geventctx_token)
-        late = scope.extras["after_request"]
-        late.sealed = True
+        scope.extras["after_request"].sealed = True
         if scope.holders > 1:
             # Children outlive the view: make sure the body they may still
             # read is off the socket before the server discards it.
@@ -337,16 +331,11 @@ class GeventContext:
                 body.try_load()
             config = ctx.app.config
             stragglers.watch(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
-        if scope.holders == 1:
-            # No child: the request ends here, and teardown runs now, as
-            # Flask would run it.
-            scope.finish()
-            original(exc)
-            return
-        # Runs when the last child ends; the snapshot keeps request and g
-        # visible to teardown functions.
-        scope.on_close(copy_context().run, original, exc)
+        # With no child, the scope is done at once and teardown runs now, as
+        # Flask would run it; else when the last child ends, in a snapshot
+        # that keeps request and g visible to teardown functions.
         scope.finish()
+        scope.defer(original, exc)
 
     def _teardown_appctx(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
         app_ctx = _app_ctx()
@@ -357,10 +346,7 @@ class GeventContext:
         app_ctx._geventctx_scope = None
         if exc is _sentinel:
             exc = sys.exc_info()[1]
-        if scope.done:
-            original(exc)
-        else:
-            scope.on_close(copy_context().run, original, exc)
+        scope.defer(original, exc)
 
 
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
@@ -389,12 +375,12 @@ class _ClosingLater:
         if close is None:
             return
         scope: Scope | None = self.environ.get(_ENVIRON_FLASK_SCOPE)
-        if scope is None or scope.done:
+        if scope is None:
             close()
         else:
             # After teardown_request, request.close() and teardown_appcontext,
-            # which were queued when Flask popped the request context.
-            scope.on_close(copy_context().run, close)
+            # which were deferred when Flask popped the request context.
+            scope.defer(close)
 
 
 def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:

@@ -81,7 +81,7 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     scope = _SCOPE.get()
     if scope is None:
         check_unmanaged(site)
-    elif not scope.acquire():
+    elif not scope.acquire_for_handoff():
         _late(scope, site)
         return None
     return scope
@@ -94,17 +94,9 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     in the registry and makes it hold the current request scope (if any)
     until it ends. Call it in the spawner, just before starting ``child``.
     """
-    child.gr_context = copy_context()
     if site is None:
         site = helper_site()
-    scope = _SCOPE.get()
-    if scope is None:
-        check_unmanaged(site)
-    elif not scope.acquire():
-        _late(scope, site)
-        scope = None
-    _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
-    child.rawlink(_finished)
+    bind(child, copy_context(), pin_current_scope(site), site, function)
 
 
 def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None) -> None:
@@ -145,16 +137,17 @@ class Greenlet(gevent.Greenlet):
 
     _geventctx_attached = False
 
-    def start(self) -> None:
+    def _attach_once(self) -> None:
         if not self._geventctx_attached:
             self._geventctx_attached = True
-            attach(self, site_of(_getframe(1)), getattr(self, "_run", None))
+            attach(self, site_of(_getframe(2)), getattr(self, "_run", None))
+
+    def start(self) -> None:
+        self._attach_once()
         _base_start(self)
 
     def start_later(self, seconds: float) -> None:
-        if not self._geventctx_attached:
-            self._geventctx_attached = True
-            attach(self, site_of(_getframe(1)), getattr(self, "_run", None))
+        self._attach_once()
         _base_start_later(self, seconds)
 
     def __repr__(self) -> str:
@@ -184,33 +177,19 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
 
     .. versionadded:: 0.1
     """
-    # attach(), inlined: this is the hot path measured by the P1 budget.
+    # attach(), with the common case of the site lookup inlined: this is
+    # the hot path measured by the P1 budget.
     child = _Spawned(function, *args, **kwargs)
-    child.gr_context = copy_context()
     frame = _getframe(1)
     filename = frame.f_code.co_filename
     if filename.startswith(_INTERNAL_DIRS):
         site = caller_site(frame)
     else:
         site = (filename, frame.f_lineno)
-    scope = _SCOPE.get()
-    if scope is None:
-        check_unmanaged(site)
-    elif scope._holders > 0:
-        scope._holders += 1
-        if scope.on_handoff is not None:
-            try:
-                scope.on_handoff()
-            except BaseException:
-                # Interrupted (a Timeout around the spawn, the view killed)
-                # in the hook: give the hold back, or teardown never runs.
-                scope.release()
-                raise
-    else:
-        _late(scope, site)
-        scope = None
-    current = getcurrent()
-    _live[id(child)] = (_ref(child), _ref(current), scope, function, site, _monotonic())
+    scope = pin_current_scope(site)
+    # bind(), inlined too (a greenlet: no isinstance test needed).
+    child.gr_context = copy_context()
+    _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
     child.rawlink(_finished)
     _base_start(child)
     return child

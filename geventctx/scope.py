@@ -21,7 +21,7 @@ import logging
 import time
 import typing as t
 import weakref
-from contextvars import Context, ContextVar, Token
+from contextvars import Context, ContextVar, Token, copy_context
 
 import gevent
 from gevent.event import Event
@@ -67,7 +67,6 @@ class Scope:
         "_closed_event",
         "closed",
         "_done",
-        "created_at",
         "owner_done_at",
         "response_started",
         "extras",
@@ -86,7 +85,6 @@ class Scope:
         #: True once the last holder left and the close callbacks started.
         self.closed = False
         self._done = False
-        self.created_at = time.monotonic()
         #: When the request itself finished (:meth:`finish`), or ``None``.
         self.owner_done_at: float | None = None
         #: Set by adapters once the status and headers were handed to the server.
@@ -129,11 +127,22 @@ class Scope:
         if self._holders <= 0:
             return False
         self._holders += 1
+        return True
+
+    def acquire_for_handoff(self) -> bool:
+        """:meth:`acquire` for a child about to start, running :attr:`on_handoff`.
+
+        If the hook is interrupted (it may block: the "buffer" body read),
+        the hold is given back: no hand-off happens, so none may keep it.
+        """
+        if self._holders <= 0:
+            return False
+        self._holders += 1
         if self.on_handoff is not None:
             try:
-                self.on_handoff()  # may block (the "buffer" body read) and be interrupted
+                self.on_handoff()
             except BaseException:
-                self.release()  # no hand-off happens: do not keep its hold
+                self.release()
                 raise
         return True
 
@@ -180,6 +189,19 @@ class Scope:
             return False
         self.parent = parent
         return True
+
+    def defer(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:
+        """Run ``callback(*args)`` in this context, once the scope has closed.
+
+        For teardown steps: they run in a snapshot of the context they were
+        deferred from (so Flask's ``request`` and ``g`` stay visible), after
+        every holder left — or right now, in this context and raising what
+        they raise, if the scope is already done.
+        """
+        if self._done:
+            callback(*args)
+        else:
+            self._callbacks.append((copy_context().run, (callback, *args)))
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the scope closed and its callbacks ran; ``False`` on timeout."""

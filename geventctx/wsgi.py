@@ -34,7 +34,7 @@ middleware's, sharing its body, and each layer tears down once.
 from __future__ import annotations
 
 import typing as t
-from contextvars import Token, copy_context
+from contextvars import Token
 
 from . import errorlog, stragglers
 from .body import BODY_MODES, share_wsgi_input
@@ -145,6 +145,6 @@ class _RequestEnd:
             if body is not None and not body.loaded:
                 body.try_load()
             stragglers.watch(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
-        if close is not None:
-            scope.on_close(copy_context().run, close)
         scope.finish()
+        if close is not None:
+            scope.defer(close)
