@@ -68,14 +68,19 @@ def test_finished_child_and_its_context_are_collectable(collect):
     assert obj_ref() is None
 
 
-def test_record_does_not_keep_a_running_child_alive(collect):
-    # The record points weakly: dropping the last strong reference to a
-    # record's greenlet is visible through it.
+def test_registry_holds_no_strong_reference_to_a_running_child(collect):
+    # Neither the registry's entry nor a record made from it refers to the
+    # child or its context: they point weakly (gc sees no referrer).
     release = Event()
     child = geventctx.spawn(work, release)
     record = registry.record_of(child)
     assert record is not None and record.greenlet is child
-    assert all(r is not record for r in gc.get_referrers(child))
+    entries = list(registry._live.values())
+    assert entries, "the running child has an entry"
+    referrers = gc.get_referrers(child)
+    assert not any(any(r is e for e in entries) for r in referrers)
+    assert not any(r is record for r in referrers)
+    del referrers, entries
     release.set()
     child.join()
     del child
