@@ -189,3 +189,19 @@ class CountingInput:
         data = self.inner.readline(*args)
         self.counter[0] += len(data)
         return data
+
+
+def upload(
+    server: t.Any, path: str, body: bytes, content_type: str, transfer: str, timeout: float, **kwargs: t.Any
+) -> Response | None:
+    """POST ``body`` slowly, in 8 pieces 10 ms apart: ``"trickled"`` with a
+    Content-Length, or ``"chunked"`` with Transfer-Encoding: chunked."""
+    headers = {"Content-Type": content_type}
+    if transfer == "trickled":
+        return server.request(  # type: ignore[no-any-return]
+            "POST", path, headers=headers, body=body, piece=-(-len(body) // 8), delay=0.01, timeout=timeout, **kwargs
+        )
+    assert transfer == "chunked", transfer
+    return server.request(  # type: ignore[no-any-return]
+        "POST", path, headers=headers, chunks=pieces(body, 8), delay=0.01, timeout=timeout, **kwargs
+    )

@@ -26,7 +26,7 @@ import gevent
 import pytest
 from flask import Flask, g, request, session
 from gevent.event import Event
-from httpkit import wait_for
+from httpkit import settle, wait_for
 
 import geventctx
 from geventctx import registry
@@ -50,12 +50,6 @@ def in_context(value, fn):
         return fn()
 
     return contextvars.Context().run(run)
-
-
-def settle(n: int = 5) -> None:
-    """Let pending greenlets and hub callbacks run."""
-    for _ in range(n):
-        gevent.sleep(0.01)
 
 
 @pytest.fixture

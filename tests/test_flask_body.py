@@ -21,7 +21,7 @@ import gevent
 import pytest
 from flask import Flask, request
 from gevent.event import Event
-from httpkit import CountingInput, multipart, pieces, wait_for
+from httpkit import CountingInput, multipart, pieces, upload, wait_for
 from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
 
 import geventctx
@@ -179,16 +179,7 @@ def reader_app(
 
 
 def send(server: t.Any, body: bytes, content_type: str, transfer: str, **kwargs: t.Any) -> t.Any:
-    headers = {"Content-Type": content_type}
-    if transfer == "trickled":
-        return server.request(
-            "POST", "/read?q=1", headers=headers, body=body, piece=-(-len(body) // 8), delay=0.01,
-            timeout=CLIENT_TIMEOUT, **kwargs,
-        )
-    assert transfer == "chunked"
-    return server.request(
-        "POST", "/read?q=1", headers=headers, chunks=pieces(body, 8), delay=0.01, timeout=CLIENT_TIMEOUT, **kwargs
-    )
+    return upload(server, "/read?q=1", body, content_type, transfer, CLIENT_TIMEOUT, **kwargs)
 
 
 # -- 1. any mix of consumers: complete, identical, read once ---------------------------

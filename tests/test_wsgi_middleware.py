@@ -31,7 +31,7 @@ from flask import Flask
 from flask import request as flask_request
 from gevent import socket
 from gevent.event import Event
-from httpkit import CountingInput, _dechunk, multipart, pieces, settle, wait_for
+from httpkit import CountingInput, _dechunk, multipart, pieces, settle, upload, wait_for
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
@@ -302,16 +302,7 @@ def reader_app(parent: str, children: t.Sequence[str], reraise: bool = False, **
 
 
 def send(server: t.Any, body: bytes, content_type: str, transfer: str, **kwargs: t.Any) -> t.Any:
-    headers = {"Content-Type": content_type}
-    if transfer == "trickled":
-        return server.request(
-            "POST", "/read", headers=headers, body=body, piece=-(-len(body) // 8), delay=0.01,
-            timeout=CLIENT_TIMEOUT, **kwargs,
-        )
-    assert transfer == "chunked"
-    return server.request(
-        "POST", "/read", headers=headers, chunks=pieces(body, 8), delay=0.01, timeout=CLIENT_TIMEOUT, **kwargs
-    )
+    return upload(server, "/read", body, content_type, transfer, CLIENT_TIMEOUT, **kwargs)
 
 
 MIXES = [  # (body, content type, the parent's consumer, the children's consumers)
