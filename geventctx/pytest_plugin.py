@@ -4,8 +4,9 @@ Fixtures:
 
 ``geventctx_leakcheck``
     Fails the test if it leaves running hand-offs (children still alive,
-    stragglers) or request scopes that never finished, naming each leaked
-    child's function and spawn site. Turn it on for a whole suite with the
+    stragglers), request scopes that never finished, other greenlets it
+    started, or ``patch()`` on, naming each leaked child's function and
+    spawn site. Turn it on for a whole suite with the
     ini option ``geventctx_leakcheck = true``, or per test with
     ``@pytest.mark.geventctx_leakcheck``.
 ``gevent_server``
@@ -23,16 +24,20 @@ Options:
 
 from __future__ import annotations
 
+import gc
 import typing as t
+import weakref
 
 import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
+from greenlet import greenlet
 
 from . import registry
+from .patch import is_patched, unpatch
 from .scope import Scope
 
-__all__ = ["leaked_handoffs", "unfinished_scopes"]
+__all__ = ["live_greenlets"]
 
 #: How long the leak check lets children finish before it calls them leaked.
 GRACE_SECONDS = 1.0
@@ -58,36 +63,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.fixturenames.insert(0, "geventctx_leakcheck")  # type: ignore[attr-defined]
 
 
-def leaked_handoffs(grace: float = GRACE_SECONDS) -> list[registry.HandOff]:
-    """Live hand-offs still running after ``grace`` seconds of letting them end."""
-    deadline = gevent.get_hub().loop.now() + grace
-    while registry.live() and gevent.get_hub().loop.now() < deadline:
-        gevent.sleep(0.01)
-    return registry.live()
+def live_greenlets() -> list[greenlet]:
+    """Started, unfinished greenlets of this thread's hub, gevent's and raw ones.
 
-
-def unfinished_scopes(since: set[int]) -> list[Scope]:
-    """Request scopes created since ``since`` (ids) that never closed."""
-    return [scope for scope in Scope.all_open() if id(scope) not in since]
+    Every greenlet of the hub has the hub as its parent, so asking the
+    collector who refers to the hub finds them all without walking the
+    whole heap.
+    """
+    hub = gevent.get_hub()
+    return [g for g in gc.get_referrers(hub) if isinstance(g, greenlet) and g is not hub and g.parent is hub and g]
 
 
 @pytest.fixture
 def geventctx_leakcheck() -> t.Iterator[None]:
-    """Fail the test if it leaves running hand-offs or unfinished request scopes."""
-    before = {id(scope) for scope in Scope.all_open()}
+    """Fail the test if it leaves behind running hand-offs (children,
+    stragglers), request scopes that never finished, other greenlets it
+    started, or :func:`geventctx.patch` switched on.
+
+    Waits up to :data:`GRACE_SECONDS` for things to end by themselves, then
+    kills what is left, so that one test's leak does not break the next.
+    """
+    was_patched = is_patched()
+    scopes_before = weakref.WeakSet(Scope.all_open())
+    greenlets_before = weakref.WeakSet(live_greenlets())
     yield
-    leaked = leaked_handoffs()
-    scopes = [scope for scope in unfinished_scopes(before) if not registry.for_scope(scope)]
+
+    def new_scopes() -> list[Scope]:
+        return [s for s in Scope.all_open() if s not in scopes_before and not registry.for_scope(s)]
+
+    def new_greenlets() -> list[greenlet]:
+        return [g for g in live_greenlets() if g not in greenlets_before]
+
+    loop = gevent.get_hub().loop
+    deadline = loop.now() + GRACE_SECONDS
+    gevent.sleep(0)  # raw greenlets only count as started once they ran
+    while (registry.live() or new_scopes() or new_greenlets()) and loop.now() < deadline:
+        gevent.sleep(0.01)
+    leaked, scopes, stray = registry.live(), new_scopes(), new_greenlets()
     problems = [
         f"  child {getattr(r.function, '__qualname__', r.function)} spawned at {r.spawn_site}"
         f" (request {r.scope.label if r.scope else '-'}, alive {r.age:.2f}s)"
         for r in leaked
     ]
     problems += [f"  request scope {scope!r} never finished" for scope in scopes]
-    for record in leaked:  # do not let one test's leak break the next test
+    leaked_greenlets = {id(r.greenlet) for r in leaked}
+    problems += [f"  greenlet {g!r} still running" for g in stray if id(g) not in leaked_greenlets]
+    if is_patched() and not was_patched:
+        unpatch()
+        problems.append("  geventctx.patch() left on")
+    for record in leaked:
         child = record.greenlet
         if child is not None and hasattr(child, "kill"):
             child.kill(block=True, timeout=1)
+    for g in stray:
+        gevent.kill(g)  # gevent's and raw greenlets alike, thrown from the hub
     if problems:
         pytest.fail("geventctx: the test leaked\n" + "\n".join(problems), pytrace=False)
 
