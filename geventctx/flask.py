@@ -323,14 +323,10 @@ class GeventContext:
             exc = sys.exc_info()[1]
         Scope.exit(ctx._geventctx_token)
         scope.extras["after_request"].sealed = True
-        if scope.holders > 1:
-            # Children outlive the view: make sure the body they may still
-            # read is off the socket before the server discards it.
-            body = scope.extras.get("body")
-            if body is not None and not body.loaded:
-                body.try_load()
-            config = ctx.app.config
-            stragglers.watch(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
+        config = ctx.app.config
+        stragglers.outliving_response(
+            scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
+        )
         # With no child, the scope is done at once and teardown runs now, as
         # Flask would run it; else when the last child ends, in a snapshot
         # that keeps request and g visible to teardown functions.

@@ -46,6 +46,21 @@ def _stragglers(scope: Scope) -> list[registry.HandOff]:
     return [record for record in registry.live() if _within(record.scope, scope)]
 
 
+def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None:
+    """The request's response is done; prepare for children that outlive it.
+
+    Adapters call this when the request itself ends. If children still hold
+    the scope, the body they may yet read is taken off the socket now
+    (before the server discards it), and they are watched for stragglers.
+    """
+    if scope.holders <= 1:
+        return
+    body = scope.extras.get("body")
+    if body is not None and not body.loaded:
+        body.try_load()
+    watch(scope, timeout, policy)
+
+
 def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
     """Check ``scope`` for stragglers ``timeout`` seconds from now."""
     if not timeout or timeout <= 0 or scope.closed:

@@ -138,13 +138,7 @@ class _RequestEnd:
         scope = self._scope
         Scope.exit(token)
         close = getattr(self._result, "close", None)
-        if scope.holders > 1:
-            # Children outlive the response: take the body off the socket
-            # before the server discards it, so that they can still read it.
-            body = scope.extras.get("body")
-            if body is not None and not body.loaded:
-                body.try_load()
-            stragglers.watch(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
+        stragglers.outliving_response(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
         scope.finish()
         if close is not None:
             scope.defer(close)
