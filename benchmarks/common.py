@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing as t
 
 
@@ -39,3 +40,28 @@ def format_table(rows: t.Sequence[Row]) -> str:
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line).rstrip() for line in lines]
     return "\n".join(out)
+
+
+def read_response(sock: t.Any, buf: bytes) -> tuple[bytes, bytes, bytes]:
+    """One Content-Length response from a keep-alive ``sock``.
+
+    ``buf`` holds bytes already received; returns (head, body, the bytes
+    received past this response).
+    """
+    while b"\r\n\r\n" not in buf:
+        buf += _recv(sock)
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if match is None:
+        raise ValueError(f"no Content-Length in {head!r}")
+    length = int(match.group(1))
+    while len(buf) < length:
+        buf += _recv(sock)
+    return head, buf[:length], buf[length:]
+
+
+def _recv(sock: t.Any) -> bytes:
+    chunk: bytes = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("server closed the connection")
+    return chunk

@@ -53,7 +53,7 @@ import tempfile
 import time
 import typing as t
 
-from common import Row
+from common import Row, read_response
 
 TITLE = "HTTP req/s, view spawning 4 children, gevent.pywsgi in its own process (P4)"
 
@@ -223,21 +223,9 @@ def load(port: int, path: str, seconds: float, connections: int) -> dict[str, t.
                     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
                     buf = b""
                 sock.sendall(payload)
-                while b"\r\n\r\n" not in buf:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("server closed the connection")
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
-                while len(buf) < length:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("server closed the connection")
-                    buf += chunk
-                buf = buf[length:]
+                head, _, buf = read_response(sock, buf)
                 counts["ok" if head.startswith(b"HTTP/1.1 200") else "bad"] += 1
-            except (OSError, AttributeError, ValueError):
+            except (OSError, ValueError):
                 counts["errors"] += 1
                 if sock is not None:
                     sock.close()

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import tracemalloc
 import typing as t
 from contextvars import ContextVar
 
 import flask
 import gevent
-from common import Row
+from common import Row, read_response
 from gevent import socket
 from gevent.pywsgi import WSGIServer
 
@@ -196,21 +195,8 @@ def _client(port: int, count: int, user: str, expected: bytes) -> None:
     try:
         for _ in range(count):
             sock.sendall(payload)
-            while b"\r\n\r\n" not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("server closed the connection")
-                buf += chunk
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-            assert head.startswith(b"HTTP/1.1 200") and match, head
-            length = int(match.group(1))
-            while len(buf) < length:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("server closed the connection")
-                buf += chunk
-            body, buf = buf[:length], buf[length:]
+            head, body, buf = read_response(sock, buf)
+            assert head.startswith(b"HTTP/1.1 200"), head
             assert body == expected, body
     finally:
         sock.close()
