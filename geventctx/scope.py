@@ -62,7 +62,6 @@ class Scope:
     __slots__ = (
         "label",
         "_holders",
-        "_owner_done",
         "_callbacks",
         "_closed_event",
         "closed",
@@ -79,7 +78,6 @@ class Scope:
         self.label = label
         #: The request itself holds the scope until :meth:`finish`.
         self._holders = 1
-        self._owner_done = False
         self._callbacks: list[tuple[t.Callable[..., t.Any], tuple[t.Any, ...]]] = []
         self._closed_event: Event | None = None
         #: True once the last holder left and the close callbacks started.
@@ -157,9 +155,8 @@ class Scope:
 
     def finish(self) -> None:
         """The request itself is done: release its hold, once."""
-        if self._owner_done:
+        if self.owner_done_at is not None:
             return
-        self._owner_done = True
         self.owner_done_at = time.monotonic()
         self.release()
 
@@ -171,7 +168,7 @@ class Scope:
     @property
     def owner_done(self) -> bool:
         """True once :meth:`finish` was called."""
-        return self._owner_done
+        return self.owner_done_at is not None
 
     def on_close(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:
         """Run ``callback(*args)`` when the scope closes, in registration order.
