@@ -242,7 +242,7 @@ class GeventContext:
         # The response iterable's close() (Werkzeug's call_on_close hooks) is
         # the last step of a request's teardown: it waits for the children
         # too (G4).
-        app.wsgi_app = IsolatedApp(_DeferredResponseClose(app.wsgi_app))  # type: ignore[method-assign]
+        app.wsgi_app = IsolatedApp(app.wsgi_app, _close_after_teardown)  # type: ignore[method-assign]
 
     # -- request start ----------------------------------------------------------
 
@@ -348,35 +348,15 @@ class GeventContext:
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
 
 
-class _DeferredResponseClose:
-    """Wraps ``app.wsgi_app``: the response's ``close()`` waits for the children."""
-
-    def __init__(self, wsgi_app: t.Callable[..., t.Any]) -> None:
-        self.wsgi_app = wsgi_app
-
-    def __call__(self, environ: dict[str, t.Any], start_response: t.Callable[..., t.Any]) -> t.Any:
-        return _ClosingLater(self.wsgi_app(environ, start_response), environ)
-
-
-class _ClosingLater:
-    def __init__(self, result: t.Any, environ: dict[str, t.Any]) -> None:
-        self.result = result
-        self.environ = environ
-
-    def __iter__(self) -> t.Iterator[bytes]:
-        return iter(self.result)
-
-    def close(self) -> None:
-        close = getattr(self.result, "close", None)
-        if close is None:
-            return
-        scope: Scope | None = self.environ.get(_ENVIRON_FLASK_SCOPE)
-        if scope is None:
-            close()
-        else:
-            # After teardown_request, request.close() and teardown_appcontext,
-            # which were deferred when Flask popped the request context.
-            scope.defer(close)
+def _close_after_teardown(environ: dict[str, t.Any], close: t.Callable[[], t.Any]) -> None:
+    # The response's close() (Werkzeug's call_on_close hooks): after
+    # teardown_request, request.close() and teardown_appcontext, which were
+    # deferred when Flask popped the request context.
+    scope: Scope | None = environ.get(_ENVIRON_FLASK_SCOPE)
+    if scope is None:
+        close()
+    else:
+        scope.defer(close)
 
 
 def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:

@@ -26,6 +26,7 @@ __all__ = ["IsolatedApp", "own_environ"]
 
 StartResponse = t.Callable[..., t.Any]
 WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
+CloseHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any]], None]
 
 
 def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -36,23 +37,38 @@ def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
 
 
 class IsolatedApp:
-    """Wrap a WSGI app so each request runs in a fresh copy of the context."""
+    """Wrap a WSGI app so each request runs in a fresh copy of the context.
 
-    def __init__(self, app: WSGIApp) -> None:
+    :param close: how to run the response's ``close()``, given the request's
+        environ and the bound ``close`` (an adapter that defers it until the
+        request's children have ended); by default, at once.
+    """
+
+    def __init__(self, app: WSGIApp, close: CloseHook | None = None) -> None:
         self.app = app
+        self.close = close
 
     def __call__(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
         ctx = copy_context()
-        result = ctx.run(self.app, own_environ(environ), start_response)
-        return IsolatedIterable(ctx, result)
+        environ = own_environ(environ)
+        result = ctx.run(self.app, environ, start_response)
+        return IsolatedIterable(ctx, result, environ, self.close)
 
 
 class IsolatedIterable:
     """A response iterable iterated and closed in its request's context."""
 
-    def __init__(self, ctx: Context, result: t.Iterable[bytes] | None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        result: t.Iterable[bytes] | None,
+        environ: dict[str, t.Any],
+        hook: CloseHook | None = None,
+    ) -> None:
         self._ctx = ctx
         self._result = result
+        self._environ = environ
+        self._hook = hook
 
     def __iter__(self) -> t.Iterator[bytes]:
         if self._result is None:
@@ -69,4 +85,7 @@ class IsolatedIterable:
     def close(self) -> None:
         close = getattr(self._result, "close", None)
         if close is not None:
-            self._ctx.run(close)
+            if self._hook is not None:
+                self._ctx.run(self._hook, self._environ, close)
+            else:
+                self._ctx.run(close)
