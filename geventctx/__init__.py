@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import registry
 from .errors import (
     BodyReadError,
+    BodyTimeout,
     GeventctxWarning,
     LateEffectWarning,
     MisuseWarning,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BodyReadError",
+    "BodyTimeout",
     "Executor",
     "Future",
     "GeventctxWarning",

@@ -1,16 +1,41 @@
-"""One request body, read from the socket once, for any number of readers.
+"""One request body for any number of readers: a streaming, spooled tee.
 
-When a request hands its context to children, the parent and the children
-may all consume the body (``get_data``, ``form``, ``json``, ``stream``...).
-Reading the socket from two greenlets interleaves partial reads. A
-:class:`SharedBody` is read from the real input once, by whoever asks first,
-under a per-request lock; every reader then gets the complete body, each
-greenlet through its own cursor. If reading fails (client gone, bad chunking,
-too large) or the reader is killed mid-read, every reader gets the same
-error; no one gets partial data, and no one hangs.
+The rule: the body is taken off the server's input by one *pump* greenlet
+on the request's hub, one read at a time, only while a consumer waits for
+bytes that have not arrived (or, once the response is written, while
+children that may still read it are alive), into a :class:`~geventctx.spool.Spool`;
+every consumer reads the spool through its own cursor and gets bytes as they
+arrive; how the body ended — complete, or the error that stopped it — is the
+same for every consumer.
 
-The cost is that the whole body is held in memory once read: use the
-``off`` body mode for streaming uploads that only the parent reads.
+What follows from it:
+
+- Nothing reads before a consumer asks, so gevent.pywsgi sends ``100
+  Continue`` at the first read, exactly as without geventctx.
+- A streaming reader (``request.stream.read(n)``) waits for its ``n``
+  bytes, never for the whole body; ``get_data()`` waits for the end.
+- The pump is never interrupted by a reader: a reader killed while it waits
+  just stops waiting, the body stays intact for everyone else, and the
+  server finds its input in step.
+- A read that makes no progress for ``timeout`` seconds fails with
+  :class:`~geventctx.BodyTimeout` (408). Any failure once reading started
+  leaves the input out of step, so the connection is shut down after the
+  response is written: the server neither blocks discarding the rest nor
+  reads it as the next request. A stalled client holds only its own
+  connection.
+- **The response never waits for the body.** When the response has been
+  written (its ``close()``) and children may still read an unread body, the
+  rest is captured then, each read bounded by ``timeout``.
+- Memory per request is bounded by the spool's memory limit (default 1 MiB),
+  whatever the body's size; the rest lives in an unnamed temporary file,
+  freed when the request's scope ends.
+
+Cost: a request that never reads its body and never hands off pays nothing
+(adapters create the shared body lazily). A body that is read costs one
+greenlet for the pump, two switches per read of up to 64 KiB, and the spool.
+
+.. versionchanged:: 0.2
+    A streaming tee over a spool, instead of a whole-body buffer under a lock.
 
 .. versionadded:: 0.1
 """
@@ -18,198 +43,325 @@ The cost is that the whole body is held in memory once read: use the
 from __future__ import annotations
 
 import io
+import sys
 import typing as t
 import weakref
 
 import gevent
-from gevent import get_hub
-from gevent.event import Event
-from gevent.lock import RLock
-from gevent.monkey import get_original
-from greenlet import getcurrent
+from gevent import Timeout
+from greenlet import GreenletExit, getcurrent
 
-from .errors import BodyReadError
-from .scope import current_scope
+from . import _servers
+from ._wakeup import Changes
+from .errors import BodyReadError, BodyTimeout
+from .spool import DEFAULT_MEMORY_LIMIT, Spool
 
-__all__ = ["SharedBody", "SharedFile", "share_wsgi_input", "ENVIRON_BODY"]
-
-# Native (never monkey-patched) primitives, for ThreadPool worker threads.
-_get_ident = get_original("_thread", "get_ident")
-_NativeEvent = get_original("threading", "Event")
+__all__ = [
+    "SharedBody",
+    "BodyCursor",
+    "SharedFile",
+    "share_wsgi_input",
+    "has_body",
+    "end_of_response",
+    "ENVIRON_BODY",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_MEMORY_LIMIT",
+]
 
 #: Where the shared body of a request is kept in its WSGI environ.
 ENVIRON_BODY = "geventctx.body"
 
-#: Body modes: serialize-and-share on first read, read eagerly in the parent
-#: at the first hand-off, or leave the body alone.
-BODY_MODES = ("lock", "buffer", "off")
+#: Body modes: share through the tee (``"tee"``; ``"lock"`` is its old name),
+#: the same plus an eager read at the first hand-off (``"buffer"``), or
+#: leave the body alone (``"off"``).
+BODY_MODES = ("tee", "lock", "buffer", "off")
+
+#: Seconds a body read may go without a byte arriving.
+DEFAULT_TIMEOUT = 30.0
+
+#: The largest single read from the server's input (Werkzeug's form parser
+#: reads in pieces of this size too).
+CHUNK = 64 * 1024
+
+_EVERYTHING = sys.maxsize
 
 
 class Readable(t.Protocol):
-    """What a SharedBody reads from: anything with ``read()``."""
+    """What a SharedBody reads from: the server's ``wsgi.input``."""
 
     def read(self, size: int = -1, /) -> bytes: ...
 
 
 class SharedBody(io.RawIOBase):
-    """A file-like request body shared by the greenlets of one request.
+    """The body of one request, shared by its greenlets and thread tasks.
 
-    :param open_stream: returns the real, bounded input stream (such as
-        Werkzeug's ``LimitedStream``); called once, by the first reader.
+    As a file (``wsgi.input``, Werkzeug's ``stream``) each greenlet reads
+    through its own position; :meth:`cursor` makes an independent reader
+    (for a parser) and :meth:`read_whole` returns the complete body.
+
+    :param raw: the server's input, or ``None`` for a request without a body.
     :param length: the ``Content-Length``, if known.
+    :param memory_limit: bytes of the body kept in memory; the rest is
+        spooled to an unnamed temporary file.
+    :param timeout: seconds a read may wait for the client without a byte
+        arriving, then every reader gets :class:`~geventctx.BodyTimeout`;
+        ``None`` or ``0`` waits for ever.
+    :param directory: where spool files are made (the system's default).
+    :param environ: the request's environ, to close the connection when the
+        input was left out of step.
     """
 
-    def __init__(self, open_stream: t.Callable[[], Readable], length: int | None = None) -> None:
+    def __init__(
+        self,
+        raw: Readable | None,
+        length: int | None = None,
+        *,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        directory: str | None = None,
+        environ: dict[str, t.Any] | None = None,
+    ) -> None:
         super().__init__()
-        self._open_stream = open_stream
+        self.raw = raw
         self.length = length
-        #: The socket belongs to this thread's hub: only it may read it.
-        self._owner_thread = _get_ident()
-        self._owner_hub = get_hub()
-        #: Serializes the read of the body and any parse of it (reentrant).
-        self.lock = RLock()
-        self._data: bytes | None = None
-        self._error: BaseException | None = None
-        #: Set once the socket read has ended, however it ended.
-        self._read_done: Event | None = None
+        self.timeout = timeout
+        self._environ = environ if environ is not None else {}
+        self._spool = Spool(memory_limit, directory)
+        self._changes = Changes()
+        #: Largest body allowed, asked at the first read (MAX_CONTENT_LENGTH).
+        self._limits: list[t.Callable[[], int | None]] = []
+        self._max: int | None = None
+        self._opened = False
+        self._pump: t.Any = None
+        #: End offsets that waiting readers need (``_EVERYTHING`` for all).
+        self._targets: list[int] = []
+        self._capturing = False
+        #: True once the server's input was left out of step (a read cut
+        #: short): the connection must not be reused.
+        self.broken = False
         self._cursor_map: weakref.WeakKeyDictionary[t.Any, int] | None = None
-        #: Asked when the body is first read: the largest body allowed.
-        self.max_length: t.Callable[[], int | None] = lambda: None
-        #: Asked before the first read: is the whole body already buffered
-        #: by the server (so reading it cannot block)? Adapters that know
-        #: their server set it; by default the read always uses a helper.
-        self.buffered: t.Callable[[], bool] = lambda: False
+        if raw is None or length == 0:
+            self._spool.end()
 
     # -- state -------------------------------------------------------------
 
     @property
+    def spool(self) -> Spool:
+        """Where the bytes are kept (for inspection and tests)."""
+        return self._spool
+
+    @property
     def loaded(self) -> bool:
-        """True once the body was read completely."""
-        return self._data is not None
+        """True once the whole body has arrived."""
+        return self._spool.ended
+
+    @property
+    def received(self) -> int:
+        """Bytes taken off the server's input so far."""
+        return self._spool.size
 
     @property
     def error(self) -> BaseException | None:
-        """The error that stopped the read, if any."""
-        return self._error
+        """The error that stopped the body, if any."""
+        return self._spool.error
 
-    def load(self) -> bytes:
-        """Read the whole body once (under the lock) and return it.
+    @property
+    def waiting(self) -> int:
+        """How many readers wait for bytes that have not arrived yet."""
+        return len(self._targets)
 
-        Raises the error that stopped the first read, to every caller.
-        """
-        data = self._data
-        if data is not None:
-            return data
-        if _get_ident() != self._owner_thread:
-            return self._load_from_other_thread()
-        with self.lock:
-            return self._load_locked()
+    @property
+    def reading(self) -> bool:
+        """True while the pump is reading the server's input."""
+        return self._pump is not None
 
-    def _load_locked(self) -> bytes:
-        # The caller holds the lock.
-        if self._data is None:
-            if self._error is not None:
-                raise self._error
-            self._read_all()
-        assert self._data is not None
-        return self._data
+    def add_limit(self, max_length: t.Callable[[], int | None]) -> None:
+        """Also bound the body by ``max_length()`` (asked at the first read,
+        in the reader's context); the smallest of the limits counts."""
+        if self._opened:
+            limit = max_length()
+            if limit is not None and (self._max is None or limit < self._max):
+                self._max = limit
+        else:
+            self._limits.append(max_length)
 
-    def _load_from_other_thread(self) -> bytes:
-        # A ThreadPool task: the request's own hub reads the socket (in a
-        # greenlet, under the lock as always) while this thread waits.
-        # If this thread already holds the lock (a consumer that parses under
-        # it, like Flask's get_data/form), the hub's greenlet could never take
-        # it: it reads under this thread's hold, which excludes every other
-        # reader just the same.
-        done = _NativeEvent()
-        read = self._load_locked if self.lock._is_owned() else self.load
+    # -- the pump: server input -> spool ------------------------------------
 
-        def read_in_owner_hub() -> None:
-            try:
-                read()
-            except BaseException:
-                pass
-            finally:
-                done.set()
+    def _start_pump(self) -> None:
+        # Only in the owner hub (a thread schedules this there).
+        if self._pump is None and not self._spool.done:
+            self._pump = gevent.spawn_raw(self._run_pump)
 
-        self._owner_hub.loop.run_callback_threadsafe(gevent.spawn_raw, read_in_owner_hub)
-        done.wait()
-        if self._data is not None:
-            return self._data
-        raise self._error if self._error is not None else BodyReadError("the request body could not be read")
+    def _wanted(self) -> int:
+        """How many bytes the next read should ask for; 0: stop reading."""
+        size = self._spool.size
+        pending = [target for target in list(self._targets) if target > size]
+        if pending:
+            wanted = min(min(pending) - size, CHUNK)
+        elif self._capturing:
+            wanted = CHUNK
+        else:
+            return 0
+        if self.length is not None:
+            wanted = min(wanted, self.length - size)
+        elif self._max is not None:
+            wanted = min(wanted, self._max + 1 - size)  # one past: too large
+        return wanted
 
-    def try_load(self) -> None:
-        """Read the body now if it was not; keep any error for the readers.
+    def _open(self) -> None:
+        # At the first read, in the first reader's greenlet: a limit such as
+        # Flask's request.max_content_length needs the request's context.
+        from werkzeug.exceptions import RequestEntityTooLarge
 
-        Also waits until a read abandoned mid-way (its reader was killed) has
-        taken the rest of the body off the socket, so that the server finds
-        the connection in step when the request ends.
-        """
+        self._opened = True
+        limits, self._limits = self._limits, []
+        known = [limit for limit in (get() for get in limits) if limit is not None]
+        self._max = min(known) if known else None
+        if self.length is not None and self._max is not None and self.length > self._max:
+            # Refused before a byte is read: the input stays in step.
+            self._spool.fail(RequestEntityTooLarge())
+            self._changes.notify()
+
+    def _run_pump(self) -> None:
+        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+        spool = self._spool
         try:
-            self.load()
-        except Exception:
-            pass
-        done = self._read_done
-        if done is not None:
-            done.wait()
-
-    def _read_all(self) -> None:
-        open_stream, self._open_stream = self._open_stream, _closed_stream
-        try:
-            stream = open_stream()
+            while not spool.done:
+                wanted = self._wanted()
+                if wanted <= 0:
+                    break
+                data = self._read_source(wanted)
+                if spool.closed:
+                    break
+                if data:
+                    spool.append(data)
+                    if self._max is not None and spool.size > self._max:
+                        # Not out of step: the server can discard the rest.
+                        raise RequestEntityTooLarge()
+                    if spool.size == self.length:
+                        spool.end()
+                elif self.length is not None:
+                    self.broken = True
+                    raise ClientDisconnected(
+                        f"the client sent {spool.size} of {self.length} announced body bytes"
+                    )
+                else:
+                    spool.end()
+                self._progress()
+        except GreenletExit:
+            # Killed by _abort(): the request itself is going away.
+            self.broken = True
+            spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
         except BaseException as exc:
-            self._error = exc
-            raise
-        outcome: list[t.Any] = []
-        if self.buffered():
-            # The whole body is already in the server's buffer: the read
-            # cannot block, so it cannot be interrupted half-way either.
-            _read_into(stream, outcome, None)
-            self._keep(outcome)
-            return
-        # The socket is read in a helper greenlet. A read interrupted inside
-        # the server's buffered socket file (the reader was killed, or timed
-        # out) loses the bytes it had taken, and the server would then wait
-        # forever for them when it discards the rest of the body. The helper
-        # is never interrupted: it finishes the read whatever happens to the
-        # greenlet that asked for it.
-        done = self._read_done = Event()
-        gevent.spawn_raw(_read_into, stream, outcome, done)
+            if not isinstance(exc, RequestEntityTooLarge):
+                self.broken = True  # the server's input failed mid-read
+            spool.fail(_servers.translate(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._pump = None
+            self._changes.notify()
+
+    def _read_source(self, size: int) -> bytes:
+        raw = self.raw
+        assert raw is not None
+        seconds = self.timeout
+        if not seconds or seconds <= 0:
+            return raw.read(size)
+        timer = Timeout(seconds)
+        timer.start()
         try:
-            done.wait()
-        except BaseException:
-            if outcome:  # interrupted just after the read ended: keep it
-                self._data, self._error = (outcome[1], None) if outcome[0] else (None, outcome[1])
-            else:
-                self._abandon(done)
-            raise
-        self._keep(outcome)
+            return raw.read(size)
+        except Timeout as exc:
+            if exc is not timer:
+                raise
+            self.broken = True
+            raise BodyTimeout(f"the client sent no request body bytes for {seconds:g}s") from None
+        finally:
+            timer.close()
 
-    def _keep(self, outcome: list[t.Any]) -> None:
-        # outcome is (True, data) or (False, error), as _read_into left it.
-        if not outcome[0]:
-            self._error = outcome[1]
-            raise self._error
-        self._data = outcome[1]
+    def _progress(self) -> None:
+        # Wake waiters only when one of them can go on.
+        size = self._spool.size
+        targets = self._targets
+        if self._spool.done or (targets and min(targets) <= size):
+            self._changes.notify()
 
-    def _abandon(self, done: Event) -> None:
-        # The reader went away mid-read: everyone gets a clear error, never
-        # partial data (the outcome of the read is dropped), and the request
-        # scope stays held until the helper has the body off the socket. The
-        # hold makes the adapter call try_load() at the end of the request
-        # (it does while the scope has other holders), which waits for the
-        # helper: the server must not read the connection while it does.
-        self._error = BodyReadError(
-            "the greenlet reading the request body was killed mid-read; "
-            "the body is lost and cannot be read again"
-        )
-        scope = current_scope()
-        if scope is None or scope.closed:
+    # -- waiting for bytes ---------------------------------------------------
+
+    def _wait_for(self, target: int) -> None:
+        """Block until ``target`` bytes arrived or the body ended, failed or
+        was released. A waiter that is killed just stops waiting."""
+        spool = self._spool
+        if not self._opened:
+            self._open()
+        if spool.size >= target or spool.done:
             return
-        if scope.acquire():
-            done.rawlink(lambda _event: scope.release())
+        changes = self._changes
+        targets = self._targets
+        targets.append(target)
+        try:
+            if changes.in_owner_thread():
+                self._start_pump()
+            else:
+                # A ThreadPool task: the request's own hub reads the socket.
+                changes.hub.loop.run_callback_threadsafe(self._start_pump)
+            changes.wait(lambda: spool.size >= target or spool.done)
+        finally:
+            targets.remove(target)
 
-    # -- file-like, one cursor per greenlet --------------------------------
+    def _gone(self) -> BodyReadError:
+        return BodyReadError("the request has ended: its body was released")
+
+    def _read_at(self, position: int, size: int | None) -> bytes:
+        """Bytes at ``position``: ``size`` of them (fewer only at the end),
+        or all the rest (``size`` < 0) once the body is complete."""
+        spool = self._spool
+        whole = size is None or size < 0
+        if not whole and size == 0:
+            return b""
+        self._wait_for(_EVERYTHING if whole else position + t.cast(int, size))
+        try:
+            data = spool.read(position, -1 if whole else t.cast(int, size))
+        except ValueError:
+            raise self._gone() from None
+        if spool.error is not None and (whole or not data):
+            # Never a silently short body: the rest of it is this error.
+            raise spool.error
+        return data
+
+    def _readline_at(self, position: int, size: int | None) -> bytes:
+        spool = self._spool
+        limit = _EVERYTHING if size is None or size < 0 else position + size
+        scanned = position
+        try:
+            while True:
+                found = spool.find(b"\n", scanned, limit)
+                if found >= 0:
+                    end = found + 1
+                    break
+                if spool.size >= limit or spool.done:
+                    end = min(spool.size, limit)
+                    break
+                scanned = spool.size
+                self._wait_for(spool.size + 1)
+            data = spool.read(position, end - position)
+        except ValueError:
+            raise self._gone() from None
+        if not data and spool.error is not None:
+            raise spool.error
+        return data
+
+    def read_whole(self) -> bytes:
+        """The complete body (waits for it), or the error that stopped it."""
+        return self._read_at(0, -1)
+
+    def cursor(self) -> BodyCursor:
+        """A reader of its own, from the first byte (for a parser)."""
+        return BodyCursor(self)
+
+    # -- file-like, one position per greenlet --------------------------------
 
     @property
     def _cursors(self) -> weakref.WeakKeyDictionary[t.Any, int]:
@@ -222,44 +374,130 @@ class SharedBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _take(self, size: int | None) -> bytes:
-        data = self.load()
-        reader = getcurrent()
-        pos = self._cursors.get(reader, 0)
-        if size is None or size < 0:
-            end = len(data)
-        else:
-            end = min(len(data), pos + size)
-        self._cursors[reader] = end
-        if pos == 0 and end == len(data):
-            return data
-        return data[pos:end]
-
     def read(self, size: int | None = -1) -> bytes:
-        return self._take(size)
+        reader = getcurrent()
+        cursors = self._cursors
+        position = cursors.get(reader, 0)
+        data = self._read_at(position, size)
+        cursors[reader] = position + len(data)
+        return data
 
     def readall(self) -> bytes:
-        return self._take(-1)
+        return self.read(-1)
 
     def readinto(self, buffer: t.Any) -> int:
-        chunk = self._take(len(buffer))
+        chunk = self.read(len(buffer))
         buffer[: len(chunk)] = chunk
         return len(chunk)
 
     def readline(self, size: int | None = -1) -> bytes:
-        data = self.load()
         reader = getcurrent()
-        pos = self._cursors.get(reader, 0)
-        end = data.find(b"\n", pos)
-        end = len(data) if end < 0 else end + 1
-        if size is not None and size >= 0:
-            end = min(end, pos + size)
-        self._cursors[reader] = end
-        return data[pos:end]
+        cursors = self._cursors
+        position = cursors.get(reader, 0)
+        data = self._readline_at(position, size)
+        cursors[reader] = position + len(data)
+        return data
+
+    def close(self) -> None:
+        """Does nothing: the body belongs to the request, not to one reader
+        (Werkzeug and applications close streams they are done with)."""
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    # -- the end of the request --------------------------------------------
+
+    def end_response(self, children: bool, killed: bool = False) -> None:
+        """The response has been written (or the request is being killed).
+
+        With ``children`` alive, capture the rest of the body for them; then
+        wait until the pump is idle (its reads are bounded by the timeout), so
+        that the server finds its input in step — or shut the connection
+        down if it is not. Interrupted, it stops the pump and closes the
+        connection: no greenlet keeps reading.
+        """
+        try:
+            if killed:
+                self._abort()
+                return
+            if children and not self._spool.done:
+                self._capturing = True
+                self._start_pump()
+            self._changes.wait(lambda: self._pump is None)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._capturing = False
+            if self.broken:
+                _servers.close_connection(self._environ, self.raw)
+
+    def _abort(self) -> None:
+        pump = self._pump
+        if pump is None:
+            return
+        self.broken = True
+        gevent.kill(pump)
+        self._changes.wait(lambda: self._pump is None, timeout=1.0)
+
+    def release(self) -> None:
+        """The request's scope has ended: free the spool (memory and file).
+
+        Readers that come later get :class:`~geventctx.BodyReadError`; a read
+        in flight finishes (so the input stays in step) and is dropped.
+        """
+        self._capturing = False
+        self._spool.close()
+        self._changes.notify()
 
     def __repr__(self) -> str:
-        state = "loaded" if self.loaded else ("failed" if self._error else "unread")
-        return f"<SharedBody {state} length={self.length}>"
+        spool = self._spool
+        state = (
+            "released"
+            if spool.closed
+            else "complete"
+            if spool.ended
+            else f"failed {spool.error!r}"
+            if spool.error
+            else "reading"
+            if self._pump is not None
+            else "waiting"
+        )
+        return f"<SharedBody {state} {spool.size}/{self.length if self.length is not None else '?'} bytes>"
+
+
+class BodyCursor(io.RawIOBase):
+    """An independent reader of a :class:`SharedBody`, from its first byte."""
+
+    def __init__(self, body: SharedBody) -> None:
+        super().__init__()
+        self._body = body
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._body._read_at(self._position, size)
+        self._position += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = self._body._readline_at(self._position, size)
+        self._position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._position
 
 
 class SharedFile(io.RawIOBase):
@@ -324,81 +562,66 @@ class SharedFile(io.RawIOBase):
         return getattr(self.file, name)
 
 
+# -- adapters' entry points ---------------------------------------------------------
+
+
+def has_body(environ: dict[str, t.Any]) -> bool:
+    """True if the request announces a body (a length above 0, or chunked)."""
+    length = environ.get("CONTENT_LENGTH")
+    if length and length != "0":
+        return True
+    return "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
 def share_wsgi_input(
-    environ: dict[str, t.Any], max_length: t.Callable[[], int | None] = lambda: None
+    environ: dict[str, t.Any],
+    max_length: t.Callable[[], int | None] | None = None,
+    *,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    directory: str | None = None,
+    scope: t.Any = None,
 ) -> SharedBody:
     """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
 
-    ``max_length()`` is asked when the body is first read (a framework's
+    ``max_length()`` is asked at the first read (a framework's
     ``MAX_CONTENT_LENGTH``). A second call for the same request (a second
-    adapter) returns the same body; the smaller of the two limits counts, so
-    an inner framework without a limit does not lift the outer one.
+    adapter) returns the same body and adds its limit: the smallest counts,
+    so an inner framework without a limit does not lift the outer one. The
+    body is released when ``scope`` (a :class:`~geventctx.Scope`) has run
+    its close callbacks.
     """
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
-        outer = body.max_length
-        body.max_length = lambda: _smallest(outer(), max_length())
+        if max_length is not None:
+            body.add_limit(max_length)
         return body
-    raw = environ["wsgi.input"]
     length = _content_length(environ)
-
-    def open_stream() -> _WholeBody:
-        from werkzeug.exceptions import RequestEntityTooLarge
-        from werkzeug.wsgi import LimitedStream, get_input_stream
-
-        if length is not None:
-            # Read exactly the announced bytes in as few reads as the server
-            # allows: going through LimitedStream.readall() grows a second
-            # copy of the body and took 13% longer on a 20 MB upload (P3).
-            limit = shared.max_length()
-            if limit is not None and length > limit:
-                raise RequestEntityTooLarge()
-            return _WholeBody(_ExactBody(raw, length), None)
-        raw_environ = dict(environ)
-        raw_environ["wsgi.input"] = raw
-        limit = shared.max_length()
-        stream = get_input_stream(raw_environ, max_content_length=limit)
-        if limit is not None and environ.get("wsgi.input_terminated"):
-            # A body of unknown length (chunked) on a server that ends its
-            # input itself: Werkzeug's max-limited stream stops silently at
-            # the limit, which would hand every reader a truncated body (and
-            # Werkzeug 2.3 does not limit it at all, while its form parser
-            # does: readers disagreed). Read one byte past the limit to tell
-            # a body that fits from one that does not, the same for all.
-            return _WholeBody(LimitedStream(raw, limit + 1, is_max=True), limit)
-        return _WholeBody(stream, None)
-
-    shared = body = SharedBody(open_stream, length)
-    body.max_length = max_length
-    if length is not None:
-        body.buffered = lambda: _pywsgi_buffered(raw, length)
-    if length == 0 or (length is None and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
-        # No body at all (a GET): nothing to read, nothing to share.
-        body._data = b""
+    raw: Readable | None = environ["wsgi.input"]
+    if length is None and not (
+        "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and environ.get("wsgi.input_terminated")
+    ):
+        # Neither a length nor a self-terminating chunked input: like
+        # Werkzeug, there is no body to read safely.
+        raw = None
+    body = SharedBody(
+        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ
+    )
+    if max_length is not None:
+        body.add_limit(max_length)
     environ[ENVIRON_BODY] = body
     environ["wsgi.input"] = body
+    environ["wsgi.input_terminated"] = True  # the shared body ends itself
+    if scope is not None:
+        scope.at_end(body.release)
     return body
 
 
-def _pywsgi_buffered(raw: t.Any, length: int) -> bool:
-    """True if gevent.pywsgi already holds all ``length`` body bytes in memory.
-
-    ``peek`` returns the buffered bytes without reading when there are any;
-    with an empty buffer it does a single socket read into the buffer, which
-    loses nothing if interrupted. Other servers: False (use the helper).
-    """
-    rfile = getattr(raw, "rfile", None)
-    if rfile is None or getattr(raw, "chunked_input", True) or getattr(raw, "position", 1) != 0:
-        return False
-    try:
-        return len(rfile.peek(0)) >= length
-    except Exception:
-        return False
-
-
-def _smallest(*limits: int | None) -> int | None:
-    known = [limit for limit in limits if limit is not None]
-    return min(known) if known else None
+def end_of_response(environ: dict[str, t.Any], children: bool, killed: bool = False) -> None:
+    """The request's response was written: see :meth:`SharedBody.end_response`."""
+    body = environ.get(ENVIRON_BODY)
+    if isinstance(body, SharedBody):
+        body.end_response(children, killed)
 
 
 def _content_length(environ: dict[str, t.Any]) -> int | None:
@@ -407,70 +630,3 @@ def _content_length(environ: dict[str, t.Any]) -> int | None:
     except ValueError:
         return None
     return value if value >= 0 else None
-
-
-class _ExactBody:
-    """Exactly ``length`` bytes of ``raw``; fewer is a client gone mid-body."""
-
-    def __init__(self, raw: t.IO[bytes], length: int) -> None:
-        self.raw = raw
-        self.length = length
-
-    def read(self, size: int = -1) -> bytes:
-        from werkzeug.exceptions import ClientDisconnected
-
-        chunks = []
-        remaining = self.length
-        while remaining > 0:
-            chunk = self.raw.read(remaining)
-            if not chunk:
-                raise ClientDisconnected(
-                    f"the client sent {self.length - remaining} of {self.length} announced body bytes"
-                )
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class _WholeBody:
-    """Reads the real input whole, turning what went wrong into a 4xx.
-
-    Too large is ``RequestEntityTooLarge`` (413). Bytes the server could not
-    parse as chunked encoding (pywsgi's ``_InvalidClientInput``) are a
-    ``BadRequest`` (400), and any other socket error, such as the client
-    going away mid-upload, is ``ClientDisconnected`` (400): every reader of
-    the shared body then gets that same error. (Werkzeug's HTTP exceptions:
-    Werkzeug is a dependency of geventctx, not only of Flask.)
-    """
-
-    def __init__(self, stream: t.Any, limit: int | None) -> None:
-        self.stream = stream
-        self.limit = limit
-
-    def read(self, size: int = -1) -> bytes:
-        from gevent.pywsgi import _InvalidClientInput
-        from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
-
-        try:
-            data = self.stream.read()
-        except _InvalidClientInput as exc:
-            raise BadRequest(f"malformed request body: {exc}") from exc
-        except OSError as exc:
-            raise ClientDisconnected(f"the request body could not be read completely: {exc}") from exc
-        if self.limit is not None and len(data) > self.limit:
-            raise RequestEntityTooLarge()
-        return bytes(data)
-
-
-def _read_into(stream: t.Any, outcome: list[t.Any], done: Event | None) -> None:
-    try:
-        outcome += (True, stream.read())
-    except BaseException as exc:  # handed to the reader, never to the hub
-        outcome += (False, exc)
-    finally:
-        if done is not None:
-            done.set()
-
-
-def _closed_stream() -> t.IO[bytes]:
-    raise BodyReadError("the request body was already read")

@@ -8,6 +8,8 @@ Every warning geventctx emits is a :class:`GeventctxWarning`, so one filter
 
 from __future__ import annotations
 
+from werkzeug.exceptions import RequestTimeout
+
 
 class GeventctxWarning(UserWarning):
     """Base class of every warning geventctx emits."""
@@ -45,5 +47,23 @@ class BodyReadError(IOError):
     """Reading the shared request body failed or was abandoned.
 
     Every consumer of the body gets the same instance of this error (or of the
-    error that stopped the first read), never partial data.
+    error that stopped the read: Werkzeug's ``ClientDisconnected``,
+    ``BadRequest``, ``RequestEntityTooLarge``), never a silently short body.
     """
+
+
+class BodyTimeout(BodyReadError, RequestTimeout):
+    """The client sent no body bytes for ``GEVENTCTX_BODY_TIMEOUT`` seconds.
+
+    An HTTP 408 (Werkzeug's ``RequestTimeout``) for a view that lets it
+    through; every reader gets this same instance, and the connection is
+    closed once the response is written.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, description: str | None = None) -> None:
+        RequestTimeout.__init__(self, description)
+
+    def __str__(self) -> str:
+        return RequestTimeout.__str__(self)

@@ -22,15 +22,25 @@ the pools, the executor):
 
 Configuration (``app.config``), with defaults:
 
-``GEVENTCTX_BODY = "lock"``
-    ``"lock"``: the first body consumer reads the whole body once under a
-    per-request lock, every consumer in every greenlet gets the complete,
-    identical body. ``"buffer"``: the same, but the parent reads the body at
-    its first hand-off if ``Content-Length`` is at most
-    ``GEVENTCTX_BODY_BUFFER_LIMIT``. ``"off"``: Werkzeug's own behaviour
-    (streaming; unsafe to share).
+``GEVENTCTX_BODY = "tee"``
+    ``"tee"``: the body is read off the socket once, as consumers ask for
+    it, into a spool; every consumer in every greenlet and thread task reads
+    it through its own cursor as it arrives and gets the complete, identical
+    body (``"lock"`` is the old name of this mode). ``"buffer"``: the same,
+    and the parent reads the whole body at its first hand-off if
+    ``Content-Length`` is at most ``GEVENTCTX_BODY_BUFFER_LIMIT``. ``"off"``:
+    Werkzeug's own behaviour (streaming; unsafe to share).
 ``GEVENTCTX_BODY_BUFFER_LIMIT = 10 * 1024 * 1024``
     Largest body ``"buffer"`` reads eagerly, in bytes.
+``GEVENTCTX_BODY_MEMORY_LIMIT = 1024 * 1024``
+    Bytes of a body kept in memory; the rest is spooled to an unnamed
+    temporary file, freed at teardown.
+``GEVENTCTX_BODY_TIMEOUT = 30.0``
+    Seconds a body read may wait without a byte arriving; then every reader
+    gets :class:`~geventctx.BodyTimeout` (408) and the connection is closed
+    after the response. ``None`` or ``0``: wait for ever.
+``GEVENTCTX_BODY_SPOOL_DIR = None``
+    Directory of the spool files (``None``: the system's temporary directory).
 ``GEVENTCTX_SESSION_AFTER_RESPONSE = "warn"``
     A session change after the session was saved: ``"warn"``
     (:class:`~geventctx.SessionMutationWarning` at the changing line),
@@ -66,17 +76,30 @@ from werkzeug.datastructures import CallbackDict
 
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
-from .body import BODY_MODES, SharedBody, SharedFile, share_wsgi_input
+from .body import (
+    BODY_MODES,
+    DEFAULT_MEMORY_LIMIT,
+    DEFAULT_TIMEOUT,
+    ENVIRON_BODY,
+    SharedBody,
+    end_of_response,
+    has_body,
+    share_wsgi_input,
+)
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
+from .request import ENVIRON_BODY_PLAN, SharedBodyRequest, shared_body_request_class
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["GeventContext", "DEFAULTS"]
 
 #: Every configuration key and its default.
 DEFAULTS: dict[str, t.Any] = {
-    "GEVENTCTX_BODY": "lock",
+    "GEVENTCTX_BODY": "tee",
     "GEVENTCTX_BODY_BUFFER_LIMIT": 10 * 1024 * 1024,
+    "GEVENTCTX_BODY_MEMORY_LIMIT": DEFAULT_MEMORY_LIMIT,
+    "GEVENTCTX_BODY_TIMEOUT": DEFAULT_TIMEOUT,
+    "GEVENTCTX_BODY_SPOOL_DIR": None,
     "GEVENTCTX_SESSION_AFTER_RESPONSE": "warn",
     "GEVENTCTX_LATE_EFFECTS": "warn",
     "GEVENTCTX_STRAGGLER_TIMEOUT": 30.0,
@@ -227,6 +250,7 @@ class GeventContext:
             app.config.setdefault(key, value)
         _check_config(app.config)
         app.extensions["geventctx"] = self
+        app.extensions[_PLAN_KEY] = _BodyPlan(app.config)
         request_started.connect(self._request_started, app, weak=False)
         request_finished.connect(self._request_finished, app, weak=False)
         # Flask calls these on the app during RequestContext/AppContext.pop;
@@ -242,7 +266,10 @@ class GeventContext:
         # The response iterable's close() (Werkzeug's call_on_close hooks) is
         # the last step of a request's teardown: it waits for the children
         # too (G4).
-        app.wsgi_app = IsolatedApp(app.wsgi_app, _close_after_teardown)  # type: ignore[method-assign]
+        app.wsgi_app = IsolatedApp(app.wsgi_app, _end_of_request)  # type: ignore[method-assign]
+        # Every body consumer of the app's requests reads the shared body
+        # (made at the first read or hand-off, never before).
+        app.request_class = shared_body_request_class(app.request_class)
 
     # -- request start ----------------------------------------------------------
 
@@ -265,18 +292,30 @@ class GeventContext:
             app_ctx._geventctx_scope = scope
 
         mode = config["GEVENTCTX_BODY"]
-        if mode != "off":
-            body = _share_body(request, environ)
-            scope.extras["body"] = body
-            if mode == "buffer":
-                limit = config["GEVENTCTX_BODY_BUFFER_LIMIT"]
+        if mode != "off" and has_body(environ):
+            if not isinstance(request, SharedBodyRequest):
+                # app.request_class was replaced after init_app.
+                request.__class__ = shared_body_request_class(type(request))
+            if ENVIRON_BODY in environ:
+                # The WSGI middleware shares it already: add Flask's limit.
+                share_wsgi_input(environ, lambda: request.max_content_length)
+            else:
+                environ[ENVIRON_BODY_PLAN] = app.extensions[_PLAN_KEY]
+            eager = mode == "buffer"
+            limit = config["GEVENTCTX_BODY_BUFFER_LIMIT"]
 
-                def buffer_at_first_handoff() -> None:
-                    scope.on_handoff = None
-                    if body.length is not None and body.length <= limit:
-                        body.try_load()
+            def share_at_first_handoff() -> None:
+                # wsgi.input goes behind the shared body too, for children
+                # that read the environ directly; "buffer" reads it now.
+                scope.on_handoff = None
+                body = request.shared_body()
+                if eager and body is not None and body.length is not None and body.length <= limit:
+                    try:
+                        body.read_whole()
+                    except Exception:
+                        pass  # kept for the readers
 
-                scope.on_handoff = buffer_at_first_handoff
+            scope.on_handoff = share_at_first_handoff
 
         late = _AfterRequestList(ctx._after_request_functions)
         late.policy = config["GEVENTCTX_LATE_EFFECTS"]
@@ -348,47 +387,46 @@ class GeventContext:
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
 
 
-def _close_after_teardown(environ: dict[str, t.Any], close: t.Callable[[], t.Any]) -> None:
-    # The response's close() (Werkzeug's call_on_close hooks): after
+def _end_of_request(
+    environ: dict[str, t.Any], close: t.Callable[[], t.Any] | None, error: BaseException | None
+) -> None:
+    # The response was written and is being closed (or the app call raised).
+    # Its close() (Werkzeug's call_on_close hooks) comes after
     # teardown_request, request.close() and teardown_appcontext, which were
-    # deferred when Flask popped the request context.
+    # deferred when Flask popped the request context. Then the body: what
+    # children may still read is captured now, never before the response.
     scope: Scope | None = environ.get(_ENVIRON_FLASK_SCOPE)
     if scope is None:
-        close()
-    else:
+        if close is not None:
+            close()
+        return
+    if close is not None:
         scope.defer(close)
+    end_of_response(environ, children=not scope.closed, killed=error is not None and not isinstance(error, Exception))
 
 
-def _share_body(request: t.Any, environ: dict[str, t.Any]) -> SharedBody:
-    """Route every body consumer of ``request`` through one SharedBody."""
-    body = share_wsgi_input(environ, lambda: request.max_content_length)
-    # Werkzeug reads the body through `stream` (a cached property) from
-    # get_data() and the form parser; give it the shared body, and make sure
-    # every consumer sees the whole body, whoever read first.
-    request.__dict__["stream"] = body
-    get_data = request.get_data
-    load_form_data = request._load_form_data
+class _BodyPlan:
+    """How an app's managed request makes its shared body, at its first read
+    or hand-off (kept once per app: it holds the app's config, not the app)."""
 
-    def shared_get_data(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        # load() reads once under the body lock; with the data cached,
-        # Werkzeug's get_data() never touches the stream.
-        if getattr(request, "_cached_data", None) is None:
-            request._cached_data = body.load()
-        return get_data(*args, **kwargs)
+    __slots__ = ("config",)
 
-    def shared_load_form_data() -> None:
-        with body.lock:
-            if "form" not in request.__dict__:
-                if getattr(request, "_cached_data", None) is None:
-                    request._cached_data = body.load()
-                load_form_data()
-                request.__dict__["stream"] = body
-                for _name, upload in request.__dict__["files"].items(multi=True):
-                    upload.stream = SharedFile(upload.stream)
+    def __init__(self, config: t.Mapping[str, t.Any]) -> None:
+        self.config = config
 
-    request.get_data = shared_get_data
-    request._load_form_data = shared_load_form_data
-    return body
+    def __call__(self, environ: dict[str, t.Any], request: t.Any) -> SharedBody:
+        config = self.config
+        return share_wsgi_input(
+            environ,
+            lambda: request.max_content_length,
+            memory_limit=config["GEVENTCTX_BODY_MEMORY_LIMIT"],
+            timeout=config["GEVENTCTX_BODY_TIMEOUT"],
+            directory=config["GEVENTCTX_BODY_SPOOL_DIR"],
+            scope=environ.get(_ENVIRON_FLASK_SCOPE),
+        )
+
+
+_PLAN_KEY = "geventctx.body_plan"
 
 
 def _check_config(config: t.Mapping[str, t.Any]) -> None:

@@ -26,7 +26,9 @@ __all__ = ["IsolatedApp", "own_environ"]
 
 StartResponse = t.Callable[..., t.Any]
 WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
-CloseHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any]], None]
+#: ``hook(environ, close, error)``: the end of a request, given the response's
+#: bound ``close`` (or ``None``) and, if the app call raised, its exception.
+EndHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any] | None, BaseException | None], None]
 
 
 def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -39,20 +41,26 @@ def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
 class IsolatedApp:
     """Wrap a WSGI app so each request runs in a fresh copy of the context.
 
-    :param close: how to run the response's ``close()``, given the request's
-        environ and the bound ``close`` (an adapter that defers it until the
-        request's children have ended); by default, at once.
+    :param end: the adapter's end of the request (it defers the response's
+        ``close()`` until the request's children have ended, and settles the
+        body), run in the request's context when the response is closed or
+        the app call raised; by default the response is closed at once.
     """
 
-    def __init__(self, app: WSGIApp, close: CloseHook | None = None) -> None:
+    def __init__(self, app: WSGIApp, end: EndHook | None = None) -> None:
         self.app = app
-        self.close = close
+        self.end = end
 
     def __call__(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
         ctx = copy_context()
         environ = own_environ(environ)
-        result = ctx.run(self.app, environ, start_response)
-        return IsolatedIterable(ctx, result, environ, self.close)
+        try:
+            result = ctx.run(self.app, environ, start_response)
+        except BaseException as exc:
+            if self.end is not None:
+                ctx.run(self.end, environ, None, exc)
+            raise
+        return IsolatedIterable(ctx, result, environ, self.end)
 
 
 class IsolatedIterable:
@@ -63,7 +71,7 @@ class IsolatedIterable:
         ctx: Context,
         result: t.Iterable[bytes] | None,
         environ: dict[str, t.Any],
-        hook: CloseHook | None = None,
+        hook: EndHook | None = None,
     ) -> None:
         self._ctx = ctx
         self._result = result
@@ -84,8 +92,7 @@ class IsolatedIterable:
 
     def close(self) -> None:
         close = getattr(self._result, "close", None)
-        if close is not None:
-            if self._hook is not None:
-                self._ctx.run(self._hook, self._environ, close)
-            else:
-                self._ctx.run(close)
+        if self._hook is not None:
+            self._ctx.run(self._hook, self._environ, close, None)
+        elif close is not None:
+            self._ctx.run(close)

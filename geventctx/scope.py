@@ -71,6 +71,7 @@ class Scope:
         "extras",
         "parent",
         "on_handoff",
+        "_at_end",
         "__weakref__",
     )
 
@@ -95,6 +96,7 @@ class Scope:
         #: Called (with no arguments) when a hand-off acquires the scope, if
         #: set; adapters use it to act at the first hand-off of a request.
         self.on_handoff: t.Callable[[], None] | None = None
+        self._at_end: list[t.Callable[[], t.Any]] | None = None
         _every_scope.add(self)
 
     def __repr__(self) -> str:
@@ -180,6 +182,17 @@ class Scope:
         else:
             self._callbacks.append((callback, args))
 
+    def at_end(self, callback: t.Callable[[], t.Any]) -> None:
+        """Run ``callback()`` after every close callback (releasing what they
+        may still use, such as the request body's spool), or now if the
+        scope is done."""
+        if self._done:
+            self._run_one(callback, ())
+        elif self._at_end is None:
+            self._at_end = [callback]
+        else:
+            self._at_end.append(callback)
+
     def hold_parent(self, parent: Scope) -> bool:
         """Hold ``parent`` until this scope has closed and run its callbacks."""
         if not parent.acquire():
@@ -221,11 +234,24 @@ class Scope:
             self._run_callbacks()
 
     def _run_callbacks(self) -> None:
+        # Each step runs once, even if an earlier one raised anything (a
+        # BaseException such as gevent.Timeout included); the first such
+        # exception is raised again once every step ran.
         callbacks = self._callbacks
+        interrupted: BaseException | None = None
         try:
             while callbacks:
                 callback, args = callbacks.pop(0)
-                self._run_one(callback, args)
+                try:
+                    self._run_one(callback, args)
+                except BaseException as exc:
+                    interrupted = interrupted or exc
+            at_end, self._at_end = self._at_end, None
+            for callback in at_end or ():
+                try:
+                    self._run_one(callback, ())
+                except BaseException as exc:
+                    interrupted = interrupted or exc
         finally:
             self._done = True
             if self._closed_event is not None:
@@ -233,6 +259,8 @@ class Scope:
             parent, self.parent = self.parent, None
             if parent is not None:
                 parent.release()
+        if interrupted is not None:
+            raise interrupted
 
     def _run_one(self, callback: t.Callable[..., t.Any], args: tuple[t.Any, ...]) -> None:
         try:

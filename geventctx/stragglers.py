@@ -47,18 +47,14 @@ def _stragglers(scope: Scope) -> list[registry.HandOff]:
 
 
 def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None:
-    """The request's response is done; prepare for children that outlive it.
+    """The request itself has ended; watch children that outlive it.
 
-    Adapters call this when the request itself ends. If children still hold
-    the scope, the body they may yet read is taken off the socket now
-    (before the server discards it), and they are watched for stragglers.
+    Adapters call this when the request ends. It never blocks: the body
+    children may still read is captured later, after the response was
+    written (:func:`geventctx.body.end_of_response`).
     """
-    if scope.holders <= 1:
-        return
-    body = scope.extras.get("body")
-    if body is not None and not body.loaded:
-        body.try_load()
-    watch(scope, timeout, policy)
+    if scope.holders > 1:
+        watch(scope, timeout, policy)
 
 
 def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:

@@ -12,8 +12,11 @@ extension gives a Flask request:
 
 - a request scope, entered while the app runs and while its response is
   iterated, so ``geventctx.spawn`` and the pools pin the request;
-- ``wsgi.input`` behind the request's shared body: read off the socket once,
-  under one lock, complete for every greenlet that reads it;
+- ``wsgi.input`` behind the request's shared body (:mod:`geventctx.body`):
+  read off the socket once, as readers ask, into a spool; every greenlet
+  and thread task reads it through its own position as it arrives and gets
+  the complete body; what children may still read after the response is
+  captured after the response was written, never before;
 - its own ``contextvars`` context (and, under uWSGI, its own environ), so
   nothing a request sets bleeds into the next one on a keep-alive
   connection;
@@ -37,7 +40,7 @@ import typing as t
 from contextvars import Token
 
 from . import errorlog, stragglers
-from .body import BODY_MODES, share_wsgi_input
+from .body import BODY_MODES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, end_of_response, has_body, share_wsgi_input
 from .isolation import IsolatedApp
 from .scope import ENVIRON_SCOPE, Scope
 
@@ -50,8 +53,14 @@ WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
 class ContextMiddleware:
     """Manage each request of ``app`` as a geventctx request scope.
 
-    :param body: ``"lock"`` (default) puts ``wsgi.input`` behind the shared
-        body; ``"off"`` leaves it alone.
+    :param body: ``"tee"`` (default; ``"lock"`` is its old name) puts
+        ``wsgi.input`` behind the shared body; ``"off"`` leaves it alone.
+    :param body_memory_limit: bytes of a body kept in memory; the rest is
+        spooled to an unnamed temporary file.
+    :param body_timeout: seconds a body read may wait without a byte
+        arriving (then :class:`~geventctx.BodyTimeout`, 408, for every
+        reader); ``None`` or ``0``: for ever.
+    :param body_spool_dir: directory of the spool files (system default).
     :param max_content_length: largest body readers may get, in bytes
         (``RequestEntityTooLarge`` beyond), or ``None``.
     :param straggler_timeout: seconds after the response after which live
@@ -67,19 +76,25 @@ class ContextMiddleware:
         self,
         app: WSGIApp,
         *,
-        body: str = "lock",
+        body: str = "tee",
         max_content_length: int | None = None,
+        body_memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        body_timeout: float | None = DEFAULT_TIMEOUT,
+        body_spool_dir: str | None = None,
         straggler_timeout: float | None = 30.0,
         straggler_policy: str = "wait",
         log_child_errors: bool = True,
     ) -> None:
-        if body not in ("lock", "off"):
-            raise ValueError(f"body must be 'lock' or 'off', not {body!r} (of {BODY_MODES})")
+        if body not in ("tee", "lock", "off"):
+            raise ValueError(f"body must be 'tee' or 'off', not {body!r} (of {BODY_MODES})")
         if straggler_policy not in stragglers.POLICIES:
             raise ValueError(f"straggler_policy must be one of {stragglers.POLICIES}, not {straggler_policy!r}")
         self.app = app
         self.body = body
         self.max_content_length = max_content_length
+        self.body_memory_limit = body_memory_limit
+        self.body_timeout = body_timeout
+        self.body_spool_dir = body_spool_dir
         self.straggler_timeout = straggler_timeout
         self.straggler_policy = straggler_policy
         self.log_child_errors = log_child_errors
@@ -95,9 +110,16 @@ class ContextMiddleware:
     def _manage(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
         scope = Scope(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")
         environ[ENVIRON_SCOPE] = scope
-        if self.body == "lock":
+        if self.body != "off" and has_body(environ):
             limit = self.max_content_length
-            scope.extras["body"] = share_wsgi_input(environ, lambda: limit)
+            share_wsgi_input(
+                environ,
+                lambda: limit,
+                memory_limit=self.body_memory_limit,
+                timeout=self.body_timeout,
+                directory=self.body_spool_dir,
+                scope=scope,
+            )
         if self.log_child_errors:
             errorlog.install()
         else:
@@ -110,19 +132,25 @@ class ContextMiddleware:
         token = scope.enter()
         try:
             result = self.app(environ, tracking_start_response)
-        except BaseException:
-            _RequestEnd(self, scope, token, None).close()
+        except BaseException as exc:
+            _RequestEnd(self, scope, token, None, environ).close(killed=not isinstance(exc, Exception))
             raise
-        return _RequestEnd(self, scope, token, result)
+        return _RequestEnd(self, scope, token, result, environ)
 
 
 class _RequestEnd:
     """The app's response iterable, whose ``close()`` waits for the children."""
 
     def __init__(
-        self, owner: ContextMiddleware, scope: Scope, token: Token[Scope | None], result: t.Iterable[bytes] | None
+        self,
+        owner: ContextMiddleware,
+        scope: Scope,
+        token: Token[Scope | None],
+        result: t.Iterable[bytes] | None,
+        environ: dict[str, t.Any],
     ) -> None:
         self._owner = owner
+        self._environ = environ
         self._scope = scope
         self._token: Token[Scope | None] | None = token
         self._result = result
@@ -131,7 +159,7 @@ class _RequestEnd:
         assert self._result is not None
         return iter(self._result)
 
-    def close(self) -> None:
+    def close(self, killed: bool = False) -> None:
         token, self._token = self._token, None
         if token is None:
             return  # WSGI servers call close() once; be safe anyway
@@ -142,3 +170,6 @@ class _RequestEnd:
         scope.finish()
         if close is not None:
             scope.defer(close)
+        # The response was written: capture the body children may still
+        # read, then leave the server's input in step (or close it).
+        end_of_response(self._environ, children=not scope.closed, killed=killed)

@@ -453,7 +453,7 @@ def test_task_reads_the_request_body_and_g(serve, executors):
     outcome = {}
 
     def task():
-        body = geventctx.current_scope().extras["body"]
+        body = request.shared_body()
         loaded_at_start = body.loaded
         return loaded_at_start, hashlib.sha256(request.get_data()).hexdigest(), request.json, g.marker
 

@@ -118,12 +118,12 @@ class App:
 
 
 def shared_body() -> t.Any:
-    return geventctx.current_scope().extras["body"]
+    return request.shared_body()
 
 
 def lock_held(body: t.Any) -> bool:
-    # RLock.locked() is gevent >= 25.4.1; its semaphore's is older.
-    return body.lock._block.locked()
+    # Someone waits for body bytes (the pump reads for them).
+    return body.waiting > 0
 
 
 def probe(_=None):
