@@ -123,7 +123,7 @@ class SharedBodyRequest:
             if isinstance(other, BaseException):
                 raise other  # the first parse's error, for everyone
             # Another greenlet or thread parses: wait for its result.
-            body._changes.wait(lambda other=other: state.get("_geventctx_form") is not other or "form" in state)
+            body._changes.wait(_form_settled(state, other))
         try:
             super()._load_form_data()  # type: ignore[misc]
         except Exception as exc:
@@ -139,6 +139,11 @@ class SharedBodyRequest:
             state.pop("_geventctx_form", None)
         finally:
             body._changes.notify()
+
+
+def _form_settled(state: dict[str, t.Any], mark: object) -> t.Callable[[], bool]:
+    # True once the parse that made ``mark`` has ended, however it ended.
+    return lambda: state.get("_geventctx_form") is not mark or "form" in state
 
 
 def shared_body_request_class(cls: type) -> type:
