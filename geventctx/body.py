@@ -140,6 +140,9 @@ class SharedBody(io.RawIOBase):
         #: short): the connection must not be reused.
         self.broken = False
         self._cursor_map: weakref.WeakKeyDictionary[t.Any, int] | None = None
+        #: The request scope that made the body and releases it as the last
+        #: step of its teardown (an adapter stacked inside shares it).
+        self.owner: t.Any = None
         if raw is None or length == 0:
             self._spool.end()
 
@@ -587,9 +590,9 @@ def share_wsgi_input(
     ``max_length()`` is asked at the first read (a framework's
     ``MAX_CONTENT_LENGTH``). A second call for the same request (a second
     adapter) returns the same body and adds its limit: the smallest counts,
-    so an inner framework without a limit does not lift the outer one. The
-    body is released when ``scope`` (a :class:`~geventctx.Scope`) has run
-    its close callbacks.
+    so an inner framework without a limit does not lift the outer one.
+    ``scope`` (a :class:`~geventctx.Scope`) owns the body: its adapter's
+    :func:`end_of_response` releases it as the last teardown step.
     """
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
@@ -612,16 +615,23 @@ def share_wsgi_input(
     environ[ENVIRON_BODY] = body
     environ["wsgi.input"] = body
     environ["wsgi.input_terminated"] = True  # the shared body ends itself
-    if scope is not None:
-        scope.at_end(body.release)
+    body.owner = scope
     return body
 
 
-def end_of_response(environ: dict[str, t.Any], children: bool, killed: bool = False) -> None:
-    """The request's response was written: see :meth:`SharedBody.end_response`."""
+def end_of_response(environ: dict[str, t.Any], scope: t.Any, killed: bool = False) -> None:
+    """The response of ``scope``'s request was written, or its app call raised.
+
+    The owner's body is released as the last of its deferred teardown
+    steps (so teardown functions can still read it); then, with children
+    still holding ``scope``, the rest of the body is captured for them (see
+    :meth:`SharedBody.end_response`).
+    """
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
-        body.end_response(children, killed)
+        if body.owner is scope:
+            scope.defer(body.release)
+        body.end_response(children=not scope.closed, killed=killed)
 
 
 def _content_length(environ: dict[str, t.Any]) -> int | None:

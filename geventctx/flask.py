@@ -402,7 +402,7 @@ def _end_of_request(
         return
     if close is not None:
         scope.defer(close)
-    end_of_response(environ, children=not scope.closed, killed=error is not None and not isinstance(error, Exception))
+    end_of_response(environ, scope, killed=error is not None and not isinstance(error, Exception))
 
 
 class _BodyPlan:

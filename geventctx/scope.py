@@ -71,7 +71,6 @@ class Scope:
         "extras",
         "parent",
         "on_handoff",
-        "_at_end",
         "__weakref__",
     )
 
@@ -96,7 +95,6 @@ class Scope:
         #: Called (with no arguments) when a hand-off acquires the scope, if
         #: set; adapters use it to act at the first hand-off of a request.
         self.on_handoff: t.Callable[[], None] | None = None
-        self._at_end: list[t.Callable[[], t.Any]] | None = None
         _every_scope.add(self)
 
     def __repr__(self) -> str:
@@ -182,17 +180,6 @@ class Scope:
         else:
             self._callbacks.append((callback, args))
 
-    def at_end(self, callback: t.Callable[[], t.Any]) -> None:
-        """Run ``callback()`` after every close callback (releasing what they
-        may still use, such as the request body's spool), or now if the
-        scope is done."""
-        if self._done:
-            self._run_one(callback, ())
-        elif self._at_end is None:
-            self._at_end = [callback]
-        else:
-            self._at_end.append(callback)
-
     def hold_parent(self, parent: Scope) -> bool:
         """Hold ``parent`` until this scope has closed and run its callbacks."""
         if not parent.acquire():
@@ -244,12 +231,6 @@ class Scope:
                 callback, args = callbacks.pop(0)
                 try:
                     self._run_one(callback, args)
-                except BaseException as exc:
-                    interrupted = interrupted or exc
-            at_end, self._at_end = self._at_end, None
-            for callback in at_end or ():
-                try:
-                    self._run_one(callback, ())
                 except BaseException as exc:
                     interrupted = interrupted or exc
         finally:

@@ -172,4 +172,4 @@ class _RequestEnd:
             scope.defer(close)
         # The response was written: capture the body children may still
         # read, then leave the server's input in step (or close it).
-        end_of_response(self._environ, children=not scope.closed, killed=killed)
+        end_of_response(self._environ, scope, killed=killed)

@@ -58,3 +58,12 @@ def gates() -> t.Iterator[t.Callable[[], t.Any]]:
     yield make
     for event in made:
         event.set()
+
+
+@pytest.fixture
+def server() -> t.Iterator[t.Callable[..., t.Any]]:
+    """``server(argv, **env)``: a real server process (processkit), stopped
+    after the test."""
+    from processkit import servers
+
+    yield from servers()
