@@ -4,6 +4,11 @@ The rule: everything server-specific the body does lives here, and each
 function does nothing on a server it does not know (the server's own
 behaviour then holds, as without geventctx).
 
+- :func:`reader_for` reads what has arrived, as soon as something has:
+  gevent.pywsgi's input is asked only for bytes its buffer already holds
+  (after it sent ``100 Continue``); other servers' inputs return only once
+  they have the bytes asked for, so they are asked for at most
+  :data:`SMALL_READ` bytes at a time.
 - :func:`translate` turns a server's read error into Werkzeug's HTTP error
   a client should get (400 for bad chunking or a client gone).
 - :func:`close_connection` ends a connection whose input is out of step (a
@@ -20,7 +25,31 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
-__all__ = ["translate", "close_connection"]
+__all__ = ["reader_for", "translate", "close_connection", "SMALL_READ"]
+
+#: The largest read asked of a server input that blocks until it has it all.
+SMALL_READ = 8 * 1024
+
+
+def reader_for(raw: t.Any) -> t.Callable[[int], bytes]:
+    """``read(n)``: up to ``n`` bytes of ``raw``, returning as soon as some arrived."""
+    rfile = getattr(raw, "rfile", None)
+    send_100 = getattr(raw, "_send_100_continue", None)
+    peek = getattr(rfile, "peek", None)
+    if peek is None or send_100 is None:
+        return lambda size: raw.read(min(size, SMALL_READ))  # type: ignore[no-any-return]
+
+    def read_arrived(size: int) -> bytes:
+        # gevent.pywsgi: its Input reads until it has all it was asked for.
+        # peek() returns the buffered bytes, or does one socket read when
+        # there are none (losing nothing if interrupted); then ask for no
+        # more than that. 100 Continue first, as Input.read would send it.
+        send_100()
+        arrived = len(peek(1))
+        return raw.read(min(size, max(arrived, 1)))  # type: ignore[no-any-return]
+
+    return read_arrived
+
 
 
 def translate(exc: BaseException) -> BaseException:

@@ -123,6 +123,7 @@ class SharedBody(io.RawIOBase):
     ) -> None:
         super().__init__()
         self.raw = raw
+        self._read_arrived = _servers.reader_for(raw) if raw is not None else None
         self.length = length
         self.timeout = timeout
         self._environ = environ if environ is not None else {}
@@ -267,15 +268,15 @@ class SharedBody(io.RawIOBase):
             self._changes.notify()
 
     def _read_source(self, size: int) -> bytes:
-        raw = self.raw
-        assert raw is not None
+        read = self._read_arrived
+        assert read is not None
         seconds = self.timeout
         if not seconds or seconds <= 0:
-            return raw.read(size)
+            return read(size)
         timer = Timeout(seconds)
         timer.start()
         try:
-            return raw.read(size)
+            return read(size)
         except Timeout as exc:
             if exc is not timer:
                 raise

@@ -205,3 +205,79 @@ def upload(
     return server.request(  # type: ignore[no-any-return]
         "POST", path, headers=headers, chunks=pieces(body, 8), delay=0.01, timeout=timeout, **kwargs
     )
+
+
+class RawClient:
+    """One connection driven by hand: send bytes, wait for bytes, see the end.
+
+    For clients that wait for ``100 Continue``, stall mid-body or vanish.
+    Every wait is bounded and fails the test with what was received so far.
+    """
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.received = b""
+
+    def send_head(self, method: str, path: str, headers: dict[str, str]) -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv(self, timeout: float, what: str) -> bytes:
+        stuck = AssertionError(f"nothing more in {timeout:g}s waiting for {what}: {self.received[-300:]!r}")
+        try:
+            with gevent.Timeout(timeout, stuck):
+                return self.sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+
+    def read_until(self, marker: bytes, timeout: float = 5.0) -> bytes:
+        """Wait until ``marker`` was received; returns everything up to and with it."""
+        deadline = gevent.get_hub().loop.now() + timeout
+        while marker not in self.received:
+            left = deadline - gevent.get_hub().loop.now()
+            data = self._recv(max(left, 0.001), repr(marker))
+            if not data:
+                raise AssertionError(f"connection closed before {marker!r}: {self.received[-300:]!r}")
+            self.received += data
+        head, _, self.received = self.received.partition(marker)
+        return head + marker
+
+    def read_response(self, timeout: float = 5.0) -> Response:
+        """One response with a Content-Length (what Flask sends)."""
+        head = self.read_until(b"\r\n\r\n", timeout)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                headers.setdefault(name.strip().lower(), []).append(value.strip())
+        length = int(headers.get("content-length", ["0"])[0])
+        deadline = gevent.get_hub().loop.now() + timeout
+        while len(self.received) < length:
+            data = self._recv(max(deadline - gevent.get_hub().loop.now(), 0.001), "the response body")
+            if not data:
+                raise AssertionError(f"connection closed mid-response: {self.received!r}")
+            self.received += data
+        body, self.received = self.received[:length], self.received[length:]
+        return Response(status, headers, body)
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True once the server closed the connection (within ``timeout``)."""
+        try:
+            with gevent.Timeout(timeout, False):
+                while True:
+                    data = self._recv(timeout + 1, "the end")
+                    if not data:
+                        return True
+                    self.received += data
+        except OSError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,71 @@
+"""A Flask app for the body tests that run under a real server process
+(``gunicorn -k gevent``, one worker), configured by ``GEVENTCTX_*``
+environment variables.
+
+- ``POST /upload?children=N``: the view and N children read
+  ``request.get_data()``; answers their sha256 digests, comma-separated.
+- ``POST /fire``: spawns a child that sleeps 0.1 s and never reads the
+  body, and answers at once.
+- ``GET /events``: how often ``teardown_request`` ran, and straggler log
+  lines, as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import gevent
+from flask import Flask, jsonify, request
+
+import geventctx
+from geventctx.flask import GeventContext
+
+app = Flask(__name__)
+for key, value in os.environ.items():
+    if key.startswith("GEVENTCTX_") and key != "GEVENTCTX_PATCH":
+        app.config[key] = float(value) if key.endswith("TIMEOUT") else value
+GeventContext(app)
+
+events: dict[str, list[str]] = {"teardown_request": [], "log": []}
+
+
+class _Remember(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        events["log"].append(record.getMessage())
+
+
+logging.getLogger("geventctx").addHandler(_Remember())
+
+
+@app.teardown_request
+def count_teardown(exc: BaseException | None) -> None:
+    if request.method == "POST":  # not the test's GET /events
+        events["teardown_request"].append(repr(exc))
+
+
+def digest() -> str:
+    try:
+        return hashlib.sha256(request.get_data()).hexdigest()
+    except Exception as exc:  # reported, not raised: the test compares
+        return f"error: {exc!r}"
+
+
+@app.post("/upload")
+def upload() -> str:
+    children = [geventctx.spawn(digest) for _ in range(int(request.args.get("children", 0)))]
+    mine = digest()
+    gevent.joinall(children, timeout=10)
+    return ",".join([mine] + [child.value for child in children])
+
+
+@app.post("/fire")
+def fire() -> str:
+    geventctx.spawn(gevent.sleep, 0.1)
+    return "sent"
+
+
+@app.get("/events")
+def report() -> object:
+    return jsonify(events)

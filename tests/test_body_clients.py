@@ -1,0 +1,571 @@
+"""G5 against real clients: the shared body under clients that wait, stall or vanish.
+
+Each test runs a real server — gevent.pywsgi on 127.0.0.1 in this process,
+or ``gunicorn -k gevent`` as a subprocess (tests/bodyapp.py) — and a real
+client: a raw socket (httpkit.RawClient) that waits for ``100 Continue``,
+trickles, stalls mid-body or hangs up, or real curl (curlkit). Every one of
+them broke the body before it became a streaming tee:
+
+- a client waiting for ``100 Continue`` hung (the server peeked at the
+  socket before pywsgi sent it);
+- a stalled body held back the response, and teardown, for as long as the
+  client stayed (the body was read before the response, with no limit);
+- a request greenlet killed while that read waited never tore down;
+- a reader killed mid-read lost the body for everyone;
+- the whole body sat in memory, twice at peak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import typing as t
+
+import gevent
+import gevent.pool
+import pytest
+from curlkit import curl
+from flask import Flask, request
+from gevent.event import Event
+from httpkit import RawClient, multipart, pieces, settle, wait_for
+from processkit import executable
+from werkzeug.wrappers import Request as WerkzeugRequest
+
+import geventctx
+from geventctx import BodyReadError, BodyTimeout
+from geventctx.body import ENVIRON_BODY, SharedBody
+from geventctx.flask import GeventContext
+from geventctx.wsgi import ContextMiddleware
+
+WAIT = 5.0  # every wait of a view, a child or a client is bounded by this
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_spool_files(directory: str) -> list[str]:
+    """Files of this process open in ``directory`` (spool files have no name)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory):
+            found.append(target)
+    return found
+
+
+class Notes:
+    """What an app saw: teardowns, readers' results, the request's body."""
+
+    def __init__(self) -> None:
+        self.teardowns: list[BaseException | None] = []
+        self.results: dict[str, t.Any] = {}
+        self.body: SharedBody | None = None
+
+
+def flask_app(**config: t.Any) -> tuple[Flask, Notes]:
+    app = Flask(__name__)
+    app.config.update(config)
+    GeventContext(app)
+    notes = Notes()
+
+    @app.teardown_request
+    def count_teardown(exc: BaseException | None) -> None:
+        notes.teardowns.append(exc)
+
+    return app, notes
+
+
+def digest_or_error() -> t.Any:
+    try:
+        return sha(request.get_data())
+    except Exception as exc:
+        return exc
+
+
+def upload_view(app: Flask, notes: Notes) -> None:
+    """``POST /upload?children=N``: the view and N children read get_data()."""
+
+    @app.post("/upload")
+    def upload() -> str:
+        notes.body = request.shared_body()
+        children = [geventctx.spawn(digest_or_error) for _ in range(int(request.args.get("children", 0)))]
+        mine = digest_or_error()
+        gevent.joinall(children, timeout=WAIT)
+        notes.results["digests"] = [mine] + [child.value for child in children]
+        notes.results["on_disk"] = notes.body is not None and notes.body.spool.on_disk
+        for value in notes.results["digests"]:
+            if isinstance(value, Exception):
+                raise value
+        return ",".join(notes.results["digests"])
+
+
+def werkzeug_app_in_middleware() -> tuple[t.Any, Notes]:
+    notes = Notes()
+
+    @WerkzeugRequest.application
+    def app(req: WerkzeugRequest) -> t.Any:
+        from werkzeug.wrappers import Response
+
+        child = geventctx.spawn(lambda: sha(req.environ["wsgi.input"].read()))
+        mine = sha(req.environ["wsgi.input"].read())
+        child.join(WAIT)
+        notes.results["digests"] = [mine, child.value]
+        return Response(",".join(notes.results["digests"]))
+
+    return ContextMiddleware(app), notes
+
+
+# -- 1. nothing reads before a consumer asks: Expect: 100-continue ---------------------
+
+
+def app_variant(variant: str) -> tuple[t.Any, Notes, str]:
+    if variant == "middleware":
+        app, notes = werkzeug_app_in_middleware()
+        return app, notes, "/upload"
+    mode = "buffer" if variant == "flask-buffer" else "tee"
+    app, notes = flask_app(GEVENTCTX_BODY=mode)
+    upload_view(app, notes)
+    return app, notes, "/upload?children=0" if variant == "flask-alone" else "/upload?children=2"
+
+
+@pytest.mark.parametrize("variant", ["flask-alone", "flask-children", "flask-buffer", "middleware"])
+def test_client_waiting_for_100_continue_gets_it_at_the_first_read(serve, variant):
+    app, notes, path = app_variant(variant)
+    server = serve(app)
+    body = os.urandom(300_000)
+    client = RawClient(server.port)
+    try:
+        headers = {"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"}
+        client.send_head("POST", path, {**headers, "Expect": "100-continue", "Connection": "close"})
+        # A client that waits for the 100, as RFC 9110 allows: nothing was
+        # sent yet, so the server must ask for the body before it gets any.
+        assert client.read_until(b"\r\n\r\n", WAIT).startswith(b"HTTP/1.1 100 Continue")
+        client.send(body)
+        response = client.read_response(WAIT)
+    finally:
+        client.close()
+    assert response.status == 200, response.body
+    assert set(response.body.decode().split(",")) == {sha(body)}
+    wait_for(lambda: variant == "middleware" or len(notes.teardowns) == 1, WAIT, "teardown")
+
+
+@pytest.mark.parametrize("children", [0, 2])
+def test_curl_upload_with_expect_100_continue_is_answered_at_once(serve, tmp_path, children):
+    # curl sends "Expect: 100-continue" for bodies over 1 MB and waits
+    # --expect100-timeout for the 100 before sending anyway; it waited its
+    # full second on every upload when the server peeked at the socket.
+    app, notes = flask_app()
+    upload_view(app, notes)
+    server = serve(app)
+    data = os.urandom(2 * 1024 * 1024)
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    result = curl(
+        "--verbose", "--expect100-timeout", "30", "--data-binary", f"@{path}",
+        "-H", "Content-Type: application/octet-stream",
+        f"{server.url}/upload?children={children}",
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Expect: 100-continue" in result.stderr  # curl really asked
+    assert "< HTTP/1.1 100 Continue" in result.stderr  # and the server answered it
+    assert result.stdout.split(",") == [sha(data)] * (1 + children)
+    wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+
+
+# -- 2. the response never waits for the body ------------------------------------------
+
+
+def stall(server: t.Any, path: str, announced: int = 100_000, sent: int = 10) -> RawClient:
+    """A client that announces ``announced`` body bytes, sends ``sent``, then stalls."""
+    client = RawClient(server.port)
+    client.send_head("POST", path, {"Content-Length": str(announced), "Content-Type": "application/octet-stream"})
+    client.send(b"x" * sent)
+    return client
+
+
+def test_stalled_body_does_not_hold_back_the_response(serve):
+    # The view spawns a child that never reads the body and returns at once.
+    # The body timeout is off: only the client leaving ends the body.
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=None)
+
+    @app.post("/fire")
+    def fire() -> str:
+        geventctx.spawn(gevent.sleep, 0.1)
+        return "sent"
+
+    server = serve(app)
+    client = stall(server, "/fire")
+    try:
+        response = client.read_response(WAIT)
+        assert response.status == 200 and response.body == b"sent"
+        # Teardown ran once the child ended, with the client still stalled.
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown while the client stalls")
+    finally:
+        client.close()
+    settle()
+    assert notes.teardowns == [None]
+
+
+def test_stalled_body_with_a_straggler_is_logged_and_killed(serve, gates, caplog):
+    never = gates()  # nobody opens it: only the kill policy ends the child
+    app, notes = flask_app(
+        GEVENTCTX_BODY_TIMEOUT=None, GEVENTCTX_STRAGGLER_TIMEOUT=0.3, GEVENTCTX_STRAGGLER_POLICY="kill"
+    )
+
+    @app.post("/fire")
+    def fire() -> str:
+        geventctx.spawn(never.wait)
+        return "sent"
+
+    server = serve(app)
+    client = stall(server, "/fire")
+    try:
+        with caplog.at_level(logging.WARNING, logger="geventctx"):
+            assert client.read_response(WAIT).body == b"sent"
+            wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown after the straggler was killed")
+        stragglers = [r.getMessage() for r in caplog.records if "straggler" in r.getMessage()]
+        assert len(stragglers) == 1 and "killing it" in stragglers[0], stragglers
+    finally:
+        client.close()
+
+
+def test_stalled_body_times_out_for_every_reader_as_a_408_and_the_connection_closes(serve):
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=0.5)
+    upload_view(app, notes)
+    server = serve(app)
+    client = stall(server, "/upload?children=2")
+    try:
+        response = client.read_response(WAIT)
+        assert response.status == 408, response.body
+        # Nobody may read the rest of this body as the next request.
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+    errors = notes.results["digests"]
+    assert isinstance(errors[0], BodyTimeout) and all(error is errors[0] for error in errors)
+    wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+
+
+def test_child_reading_a_stalled_body_after_the_response_times_out_and_teardown_runs(serve):
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=0.5)
+
+    @app.post("/later")
+    def later() -> str:
+        def child() -> None:
+            notes.results["child"] = digest_or_error()
+
+        geventctx.spawn(child)
+        return "sent"
+
+    server = serve(app)
+    client = stall(server, "/later")
+    try:
+        assert client.read_response(WAIT).body == b"sent"  # the child's wait is not the response's
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown after the child timed out")
+        assert isinstance(notes.results["child"], BodyTimeout)
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+
+
+def test_children_get_the_rest_of_the_body_captured_after_the_response(serve, gates):
+    # The view answers before the body is complete; a child reads it later.
+    release = gates()
+    app, notes = flask_app()
+
+    @app.post("/later")
+    def later() -> str:
+        def child() -> None:
+            release.wait(WAIT)
+            notes.results["child"] = digest_or_error()
+
+        geventctx.spawn(child)
+        return "sent"
+
+    server = serve(app)
+    body = os.urandom(200_000)
+    client = stall(server, "/later", announced=len(body), sent=0)
+    try:
+        client.send(body[:1000])
+        assert client.read_response(WAIT).body == b"sent"  # before the rest was sent
+        for piece in pieces(body[1000:], 10):
+            client.send(piece)
+            gevent.sleep(0.005)
+        release.set()
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+        assert notes.results["child"] == sha(body)
+    finally:
+        client.close()
+
+
+# -- 3. a streaming reader gets bytes as they arrive -----------------------------------
+
+JSON_DOC = {"items": list(range(3000)), "text": "caf\u00e9 " * 500}
+JSON_BODY = json.dumps(JSON_DOC).encode()
+FILE_CONTENT = os.urandom(40_000)
+FORM_BODY, FORM_TYPE = multipart({"name": "ada"}, {"f": ("a.bin", FILE_CONTENT)})
+
+WHOLE_READERS: dict[str, t.Callable[[], t.Any]] = {
+    "get_data": lambda: sha(request.get_data()),
+    "json": lambda: request.json,
+    "form": lambda: request.form.to_dict(),
+    "files": lambda: sha(request.files["f"].read()),
+}
+
+
+@pytest.mark.parametrize(
+    "body, content_type, readers, expected",
+    [
+        (JSON_BODY, "application/json", ["get_data", "json", "get_data"], [sha(JSON_BODY), JSON_DOC, sha(JSON_BODY)]),
+        (FORM_BODY, FORM_TYPE, ["get_data", "form", "files"], [sha(FORM_BODY), {"name": "ada"}, sha(FILE_CONTENT)]),
+    ],
+    ids=["json", "multipart"],
+)
+def test_trickled_body_streams_to_the_view_while_children_read_it_whole(serve, body, content_type, readers, expected):
+    app, notes = flask_app()
+
+    @app.post("/stream")
+    def stream() -> str:
+        shared = request.shared_body()
+        children = [geventctx.spawn(WHOLE_READERS[name]) for name in readers]
+        seen = hashlib.sha256()
+        first_piece_at = None
+        while True:
+            piece = request.stream.read(1000)
+            if not piece:
+                break
+            if first_piece_at is None:
+                first_piece_at = (shared.received, shared.loaded)
+            seen.update(piece)
+        gevent.joinall(children, timeout=WAIT)
+        notes.results.update(first=first_piece_at, view=seen.hexdigest(), children=[c.value for c in children])
+        return "ok"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head(
+            "POST", "/stream", {"Content-Length": str(len(body)), "Content-Type": content_type, "Connection": "close"}
+        )
+        for piece in pieces(body, 20):
+            client.send(piece)
+            gevent.sleep(0.01)
+        assert client.read_response(WAIT).status == 200
+    finally:
+        client.close()
+    received, loaded = notes.results["first"]
+    assert not loaded and received < len(body)  # the view's first piece came long before the end
+    assert notes.results["view"] == sha(body)
+    assert notes.results["children"] == expected
+
+
+# -- 4. killed anywhere: teardown once, nobody keeps reading ---------------------------
+
+
+def pooled_server(serve: t.Any, app: t.Any) -> t.Any:
+    return serve(app, spawn=gevent.pool.Pool(10))
+
+
+def test_request_killed_while_its_view_waits_for_the_body_tears_down_once(serve, capfd):
+    app, notes = flask_app()
+    upload_view(app, notes)
+    server = pooled_server(serve, app)
+    client = stall(server, "/upload?children=1")
+    try:
+        wait_for(lambda: notes.body is not None and notes.body.waiting == 2, WAIT, "both readers to wait")
+        server.stop(timeout=0.2)  # kills the request greenlet where it waits
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+    finally:
+        client.close()
+    settle()
+    assert len(notes.teardowns) == 1
+    assert not notes.body.reading  # the pump was stopped too
+    assert "reentrant call" not in capfd.readouterr().err
+
+
+def test_request_killed_while_it_captures_the_body_for_a_child_tears_down_once(serve, gates):
+    release = gates()
+    app, notes = flask_app()
+
+    @app.post("/later")
+    def later() -> str:
+        notes.body = request.shared_body()
+
+        def child() -> None:
+            release.wait(WAIT)
+            notes.results["child"] = digest_or_error()
+
+        geventctx.spawn(child)
+        return "sent"
+
+    server = pooled_server(serve, app)
+    client = stall(server, "/later")
+    try:
+        assert client.read_response(WAIT).body == b"sent"
+        wait_for(lambda: notes.body.reading, WAIT, "the capture after the response")
+        server.stop(timeout=0.2)  # kills the request greenlet mid-capture
+        assert client.closed_by_server(WAIT)  # its input is out of step now
+        release.set()
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown after the child")
+    finally:
+        client.close()
+    assert isinstance(notes.results["child"], BodyReadError)  # a clear error, not a short body
+    assert not notes.body.reading
+
+
+def test_request_killed_during_teardown_still_frees_the_spool(serve, tmp_path):
+    app, notes = flask_app(GEVENTCTX_BODY_MEMORY_LIMIT=1024, GEVENTCTX_BODY_SPOOL_DIR=str(tmp_path))
+    upload_view(app, notes)
+    in_teardown = Event()
+
+    @app.teardown_request
+    def slow_teardown(exc: BaseException | None) -> None:
+        in_teardown.set()
+        gevent.sleep(WAIT * 2)  # killed here
+
+    server = pooled_server(serve, app)
+    body = os.urandom(20_000)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/upload", {"Content-Length": str(len(body)), "Connection": "close"})
+        client.send(body)
+        assert in_teardown.wait(WAIT)
+        assert len(open_spool_files(str(tmp_path))) == 1  # on disk while the request runs
+        server.stop(timeout=0.2)
+        wait_for(lambda: not open_spool_files(str(tmp_path)), WAIT, "the spool file to be freed")
+    finally:
+        client.close()
+
+
+# -- 5. spool files are gone in every path ---------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["complete", "client-gone", "timeout"])
+def test_spool_files_are_removed_at_teardown(serve, tmp_path, ending):
+    app, notes = flask_app(
+        GEVENTCTX_BODY_MEMORY_LIMIT=1024, GEVENTCTX_BODY_SPOOL_DIR=str(tmp_path), GEVENTCTX_BODY_TIMEOUT=0.5
+    )
+    upload_view(app, notes)
+    server = serve(app)
+    body = os.urandom(50_000)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/upload?children=2", {"Content-Length": str(len(body)), "Connection": "close"})
+        if ending == "complete":
+            client.send(body)
+            assert client.read_response(WAIT).status == 200
+        else:
+            client.send(body[:20_000])
+            wait_for(lambda: notes.body is not None and notes.body.spool.on_disk, WAIT, "the spool to reach disk")
+            if ending == "client-gone":
+                client.close()
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+        wait_for(lambda: not open_spool_files(str(tmp_path)), WAIT, "the spool file to be freed")
+    finally:
+        client.close()
+    assert os.listdir(tmp_path) == []
+    assert notes.body is not None and notes.body.spool.closed
+
+
+def test_memory_holds_only_the_memory_limit_of_a_large_body(serve):
+    app, notes = flask_app(GEVENTCTX_BODY_MEMORY_LIMIT=64 * 1024)
+    upload_view(app, notes)
+    server = serve(app)
+    body = os.urandom(3 * 1024 * 1024)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/upload?children=1", {"Content-Length": str(len(body)), "Connection": "close"})
+        client.send(body)
+        assert client.read_response(WAIT).body.decode().split(",") == [sha(body)] * 2
+    finally:
+        client.close()
+    assert notes.results["on_disk"]
+
+
+def test_keep_alive_connection_is_in_step_after_a_partly_read_body(serve):
+    # The view reads 100 bytes of 10000; the server discards the rest and
+    # serves the next request on the same connection.
+    app, notes = flask_app()
+
+    @app.post("/peek")
+    def peek() -> str:
+        return sha(request.stream.read(100))
+
+    server = serve(app)
+    client = RawClient(server.port)
+    body = os.urandom(10_000)
+    try:
+        for _ in range(2):
+            client.send_head("POST", "/peek", {"Content-Length": str(len(body))})
+            client.send(body)
+            assert client.read_response(WAIT).body.decode() == sha(body[:100])
+    finally:
+        client.close()
+    assert ENVIRON_BODY  # (the module's name for the body in the environ)
+
+
+# -- 6. the same under gunicorn -k gevent ------------------------------------------------
+
+
+def gunicorn_body_app(server: t.Callable[..., t.Any], **env: str) -> t.Any:
+    argv = [
+        executable("gunicorn"), "-k", "gevent", "-w", "1", "-b", "127.0.0.1:{port}",
+        "--pythonpath", "tests", "--log-level", "warning", "bodyapp:app",
+    ]
+    return server(argv, **env)
+
+
+def gunicorn_events(port: int) -> dict[str, t.Any]:
+    client = RawClient(port)
+    try:
+        client.send_head("GET", "/events", {"Connection": "close"})
+        return t.cast(dict[str, t.Any], json.loads(client.read_response(WAIT).body))
+    finally:
+        client.close()
+
+
+def test_gunicorn_stalled_body_does_not_hold_back_the_response_and_closes_at_the_timeout(server):
+    srv = gunicorn_body_app(server, GEVENTCTX_BODY_TIMEOUT="1")
+    client = RawClient(srv.port)
+    try:
+        client.send_head("POST", "/fire", {"Content-Length": "100000", "Content-Type": "application/octet-stream"})
+        client.send(b"x" * 10)
+        response = client.read_response(WAIT)
+        assert response.status == 200 and response.body == b"sent", srv.context()
+        wait_for(lambda: gunicorn_events(srv.port)["teardown_request"], WAIT, "teardown in gunicorn")
+        assert client.closed_by_server(WAIT), srv.context()
+    finally:
+        client.close()
+    assert gunicorn_events(srv.port)["teardown_request"] == ["None"], srv.context()
+
+
+def test_gunicorn_client_waiting_for_100_continue_and_curl(server, tmp_path):
+    srv = gunicorn_body_app(server)
+    body = os.urandom(300_000)
+    client = RawClient(srv.port)
+    try:
+        client.send_head(
+            "POST", "/upload?children=2",
+            {"Content-Length": str(len(body)), "Expect": "100-continue", "Connection": "close"},
+        )
+        assert client.read_until(b"\r\n\r\n", WAIT).startswith(b"HTTP/1.1 100 Continue"), srv.context()
+        client.send(body)
+        assert client.read_response(WAIT).body.decode().split(",") == [sha(body)] * 3, srv.context()
+    finally:
+        client.close()
+    data = os.urandom(2 * 1024 * 1024)
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    result = curl(
+        "--verbose", "--expect100-timeout", "30", "--data-binary", f"@{path}",
+        f"http://127.0.0.1:{srv.port}/upload?children=2", timeout=20,
+    )
+    assert "< HTTP/1.1 100 Continue" in result.stderr, result.stderr[-2000:] + srv.context()
+    assert result.stdout.split(",") == [sha(data)] * 3, srv.context()
