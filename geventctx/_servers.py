@@ -36,7 +36,7 @@ def reader_for(raw: t.Any) -> t.Callable[[int], bytes]:
     rfile = getattr(raw, "rfile", None)
     send_100 = getattr(raw, "_send_100_continue", None)
     peek = getattr(rfile, "peek", None)
-    if peek is None or send_100 is None:
+    if peek is None or send_100 is None or not hasattr(raw, "chunk_length"):
         return lambda size: raw.read(min(size, SMALL_READ))  # type: ignore[no-any-return]
 
     def read_arrived(size: int) -> bytes:
@@ -44,6 +44,10 @@ def reader_for(raw: t.Any) -> t.Callable[[int], bytes]:
         # peek() returns the buffered bytes, or does one socket read when
         # there are none (losing nothing if interrupted); then ask for no
         # more than that. 100 Continue first, as Input.read would send it.
+        if raw.chunked_input and raw.chunk_length == 0:
+            # The last chunk was read (with the data before it): at the end,
+            # where a peek would wait for bytes the client will never send.
+            return b""
         send_100()
         arrived = len(peek(1))
         return raw.read(min(size, max(arrived, 1)))  # type: ignore[no-any-return]

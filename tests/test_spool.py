@@ -102,10 +102,11 @@ def test_a_thread_reads_consistently_while_the_hub_appends_and_rolls_over(tmp_pa
     def reader() -> None:
         position = 0
         while position < len(data):
+            ended = spool.done  # before the read: the last bytes come before the end
             chunk = spool.read(position, 7919)
             seen.append(chunk)
             position += len(chunk)
-            if not chunk and spool.done:
+            if not chunk and ended:
                 break
         done.set()
 
