@@ -37,7 +37,7 @@ def reader_for(raw: t.Any) -> t.Callable[[int], bytes]:
     send_100 = getattr(raw, "_send_100_continue", None)
     peek = getattr(rfile, "peek", None)
     if peek is None or send_100 is None or not hasattr(raw, "chunk_length"):
-        return lambda size: raw.read(min(size, SMALL_READ))  # type: ignore[no-any-return]
+        return lambda size: raw.read(min(size, SMALL_READ))
 
     def read_arrived(size: int) -> bytes:
         # gevent.pywsgi: its Input reads until it has all it was asked for.
