@@ -4,10 +4,10 @@ The rule: everything server-specific the body does lives here, and each
 function does nothing on a server it does not know (the server's own
 behaviour then holds, as without geventctx).
 
-- :func:`reader_for` reads what has arrived, as soon as something has:
-  gevent.pywsgi's input is asked only for bytes its buffer already holds
-  (after it sent ``100 Continue``); other servers' inputs return only once
-  they have the bytes asked for, so they are asked for at most
+- :func:`source_for` reads what has arrived, as soon as something has:
+  gevent.pywsgi's input with one socket read of up to 64 KiB (after it sent
+  ``100 Continue``, as its own read would); other servers' inputs return
+  only once they have the bytes asked for, so they are asked for at most
   :data:`SMALL_READ` bytes at a time.
 - :func:`translate` turns a server's read error into Werkzeug's HTTP error
   a client should get (400 for bad chunking or a client gone).
@@ -25,35 +25,80 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
-__all__ = ["reader_for", "translate", "close_connection", "SMALL_READ"]
+__all__ = ["Source", "source_for", "translate", "close_connection", "SMALL_READ", "CHUNK"]
 
 #: The largest read asked of a server input that blocks until it has it all.
 SMALL_READ = 8 * 1024
 
+#: The largest single read from a server's input.
+CHUNK = 64 * 1024
 
-def reader_for(raw: t.Any) -> t.Callable[[int], bytes]:
-    """``read(n)``: up to ``n`` bytes of ``raw``, returning as soon as some arrived."""
-    rfile = getattr(raw, "rfile", None)
-    send_100 = getattr(raw, "_send_100_continue", None)
-    peek = getattr(rfile, "peek", None)
-    if peek is None or send_100 is None or not hasattr(raw, "chunk_length"):
-        return lambda size: raw.read(min(size, SMALL_READ))
 
-    def read_arrived(size: int) -> bytes:
-        # gevent.pywsgi: its Input reads until it has all it was asked for.
-        # peek() returns the buffered bytes, or does one socket read when
-        # there are none (losing nothing if interrupted); then ask for no
-        # more than that. 100 Continue first, as Input.read would send it.
-        if raw.chunked_input and raw.chunk_length == 0:
+class Source:
+    """How the pump reads a server's input.
+
+    ``read(wanted)`` returns some bytes (``b""`` at the end) as soon as some
+    arrived, ideally ``wanted`` or more; ``lossless`` is True when a read
+    interrupted while it waits (a timeout, a kill) loses nothing, so the
+    pump may read ahead of its readers and stop quietly.
+    """
+
+    lossless = False
+
+    def __init__(self, raw: t.Any) -> None:
+        self.raw = raw
+
+    def read(self, wanted: int) -> bytes:
+        # A server input that reads until it has all it was asked for.
+        return self.raw.read(min(wanted, SMALL_READ))  # type: ignore[no-any-return]
+
+
+class _PywsgiLength(Source):
+    """gevent.pywsgi's Input for a Content-Length body: one socket read of
+    what has arrived (``read1``), counted in the Input as its own read would
+    (so it discards exactly the rest at the end), after ``100 Continue``."""
+
+    lossless = True
+
+    def read(self, wanted: int) -> bytes:
+        raw = self.raw
+        left = raw.content_length - raw.position
+        if left <= 0:
+            return b""
+        raw._send_100_continue()
+        data: bytes = raw.rfile.read1(min(CHUNK, left))
+        if not data:
+            raise OSError(f"unexpected end of file while reading request at position {raw.position}")
+        raw.position += len(data)
+        return data
+
+
+class _PywsgiChunked(Source):
+    """gevent.pywsgi's Input for a chunked body: asked for no more than its
+    buffer holds (or the rest of the current chunk), so it does not wait
+    for more than has arrived."""
+
+    def read(self, wanted: int) -> bytes:
+        raw = self.raw
+        if raw.chunk_length == 0:
             # The last chunk was read (with the data before it): at the end,
             # where a peek would wait for bytes the client will never send.
             return b""
-        send_100()
-        arrived = len(peek(1))
-        return raw.read(min(size, max(arrived, 1)))  # type: ignore[no-any-return]
+        raw._send_100_continue()
+        arrived = len(raw.rfile.peek(1))
+        in_chunk = raw.chunk_length - raw.position if raw.chunk_length > 0 else 0
+        return raw.read(min(wanted, CHUNK, max(arrived, in_chunk, 1)))  # type: ignore[no-any-return]
 
-    return read_arrived
 
+def source_for(raw: t.Any) -> Source:
+    """The way to read ``raw`` (a server's ``wsgi.input``) as bytes arrive."""
+    names = ("rfile", "_send_100_continue", "chunked_input", "chunk_length", "position", "content_length")
+    if all(hasattr(raw, name) for name in names) and hasattr(raw.rfile, "read1"):
+        if raw.chunked_input:
+            return _PywsgiChunked(raw)
+        if raw.content_length is not None:
+            return _PywsgiLength(raw)
+    return Source(raw)
 
 
 def translate(exc: BaseException) -> BaseException:

@@ -81,9 +81,18 @@ DEFAULT_TIMEOUT = 30.0
 
 #: The largest single read from the server's input (Werkzeug's form parser
 #: reads in pieces of this size too).
-CHUNK = 64 * 1024
+CHUNK = _servers.CHUNK
+
+#: How far the pump reads ahead of the furthest reader, where a read that
+#: waits can be interrupted without loss (gevent.pywsgi): readers then find
+#: their bytes there instead of restarting the pump for each piece.
+READ_AHEAD = 1024 * 1024
 
 _EVERYTHING = sys.maxsize
+
+
+class _QuietStop(Exception):
+    """The pump stops reading ahead: nobody waits and nothing was lost."""
 
 
 class Readable(t.Protocol):
@@ -123,7 +132,7 @@ class SharedBody(io.RawIOBase):
     ) -> None:
         super().__init__()
         self.raw = raw
-        self._read_arrived = _servers.reader_for(raw) if raw is not None else None
+        self._source = _servers.source_for(raw) if raw is not None else None
         self.length = length
         self.timeout = timeout
         self._environ = environ if environ is not None else {}
@@ -136,6 +145,8 @@ class SharedBody(io.RawIOBase):
         self._pump: t.Any = None
         #: End offsets that waiting readers need (``_EVERYTHING`` for all).
         self._targets: list[int] = []
+        #: Where reading ahead stops (see READ_AHEAD).
+        self._ahead = 0
         self._capturing = False
         #: True once the server's input was left out of step (a read cut
         #: short): the connection must not be reused.
@@ -202,7 +213,7 @@ class SharedBody(io.RawIOBase):
         pending = [target for target in list(self._targets) if target > size]
         if pending:
             wanted = min(min(pending) - size, CHUNK)
-        elif self._capturing:
+        elif self._capturing or size < self._ahead:
             wanted = CHUNK
         else:
             return 0
@@ -230,12 +241,17 @@ class SharedBody(io.RawIOBase):
         from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
         spool = self._spool
+        seconds = self.timeout if self.timeout and self.timeout > 0 else None
+        timer = Timeout(seconds) if seconds is not None else None
         try:
             while not spool.done:
                 wanted = self._wanted()
                 if wanted <= 0:
                     break
-                data = self._read_source(wanted)
+                try:
+                    data = self._read_source(wanted, timer)
+                except _QuietStop:
+                    break
                 if spool.closed:
                     break
                 if data:
@@ -264,26 +280,29 @@ class SharedBody(io.RawIOBase):
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if timer is not None:
+                timer.close()
             self._pump = None
             self._changes.notify()
 
-    def _read_source(self, size: int) -> bytes:
-        read = self._read_arrived
-        assert read is not None
-        seconds = self.timeout
-        if not seconds or seconds <= 0:
-            return read(size)
-        timer = Timeout(seconds)
-        timer.start()
+    def _read_source(self, size: int, timer: Timeout | None) -> bytes:
+        source = self._source
+        assert source is not None
+        if timer is None:
+            return source.read(size)
+        timer.start()  # one timer per pump run, restarted for each read (P3)
         try:
-            return read(size)
+            return source.read(size)
         except Timeout as exc:
             if exc is not timer:
                 raise
+            if source.lossless and not self._targets and not self._capturing:
+                # Reading ahead, nobody waiting, nothing lost: just stop.
+                raise _QuietStop() from None
             self.broken = True
-            raise BodyTimeout(f"the client sent no request body bytes for {seconds:g}s") from None
+            raise BodyTimeout(f"the client sent no request body bytes for {timer.seconds:g}s") from None
         finally:
-            timer.close()
+            timer.cancel()
 
     def _progress(self) -> None:
         # Wake waiters only when one of them can go on.
@@ -305,6 +324,9 @@ class SharedBody(io.RawIOBase):
         changes = self._changes
         targets = self._targets
         targets.append(target)
+        source = self._source
+        if source is not None and source.lossless and target + READ_AHEAD > self._ahead:
+            self._ahead = _EVERYTHING if target == _EVERYTHING else target + READ_AHEAD
         try:
             if changes.in_owner_thread():
                 self._start_pump()
@@ -322,18 +344,35 @@ class SharedBody(io.RawIOBase):
         """Bytes at ``position``: ``size`` of them (fewer only at the end),
         or all the rest (``size`` < 0) once the body is complete."""
         spool = self._spool
-        whole = size is None or size < 0
-        if not whole and size == 0:
+        if size is None or size < 0:
+            return self._read_rest(position)
+        if size == 0:
             return b""
-        self._wait_for(_EVERYTHING if whole else position + t.cast(int, size))
+        self._wait_for(position + size)
         try:
-            data = spool.read(position, -1 if whole else t.cast(int, size))
+            data = spool.read(position, size)
         except ValueError:
             raise self._gone() from None
-        if spool.error is not None and (whole or not data):
-            # Never a silently short body: the rest of it is this error.
-            raise spool.error
+        if not data and spool.error is not None:
+            raise spool.error  # the rest of the body is this error
         return data
+
+    def _read_rest(self, position: int) -> bytes:
+        # A whole-body read holds every byte itself: from the first byte, the
+        # spool keeps the bytes in memory meanwhile and shares the result.
+        spool = self._spool
+        held = position == 0 and spool.hold()
+        try:
+            self._wait_for(_EVERYTHING)
+            if spool.error is not None:
+                raise spool.error  # never a silently short body
+            try:
+                return spool.whole() if position == 0 else spool.read(position, -1)
+            except ValueError:
+                raise self._gone() from None
+        finally:
+            if held:
+                spool.unhold()
 
     def _readline_at(self, position: int, size: int | None) -> bytes:
         spool = self._spool
@@ -428,6 +467,8 @@ class SharedBody(io.RawIOBase):
             if children and not self._spool.done:
                 self._capturing = True
                 self._start_pump()
+            else:
+                self._stop_reading_ahead()
             self._changes.wait(lambda: self._pump is None)
         except BaseException:
             self._abort()
@@ -436,6 +477,15 @@ class SharedBody(io.RawIOBase):
             self._capturing = False
             if self.broken:
                 _servers.close_connection(self._environ, self.raw)
+
+    def _stop_reading_ahead(self) -> None:
+        # Nobody will read on: the server discards the rest itself. A read
+        # ahead that waits can be stopped without loss.
+        self._ahead = 0
+        pump = self._pump
+        source = self._source
+        if pump is not None and source is not None and source.lossless and not self._targets:
+            gevent.kill(pump, _QuietStop)
 
     def _abort(self) -> None:
         pump = self._pump

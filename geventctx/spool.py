@@ -6,21 +6,29 @@ closed; it knows whether more may come (``ended``) or why none will
 (``error``), and nothing else. It never reads a socket, never blocks and
 never waits: that is the job of :mod:`geventctx.body`, which feeds it.
 
-Cost: a body of up to ``memory_limit`` bytes costs that much memory; a larger
-one costs one write and (per whole read) one read of a temporary file, which
-the operating system keeps in its page cache, and at most ``memory_limit``
-bytes of process memory. The file has no name (it is unlinked when made), so
-nothing is left on disk even if the process dies; :meth:`close` frees it.
+One exception to the limit: while a reader *holds* the spool (:meth:`hold`,
+a whole-body read such as ``get_data()``, which will hold every byte in
+memory itself), the bytes stay in memory, and :meth:`whole` then returns
+one ``bytes`` object that the reader and the spool share — the body is in
+memory once, not twice, and never written to disk for nothing.
+
+Cost: a body of up to ``memory_limit`` bytes costs that much memory, kept
+as the pieces that arrived (no copy); a larger one costs one write and (per
+read) one read of a temporary file, which the operating system keeps in its
+page cache, and at most ``memory_limit`` bytes of process memory. The file
+has no name (it is unlinked when made), so nothing is left on disk even if
+the process dies; :meth:`close` frees it.
 
 Thread safety: one thread appends (the request's hub), any thread may read.
 File reads and the switch from memory to file happen under a native lock;
-memory reads need only the GIL.
+memory reads take one consistent snapshot and need only the GIL.
 
 .. versionadded:: 0.2
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 import typing as t
@@ -35,6 +43,15 @@ DEFAULT_MEMORY_LIMIT = 1024 * 1024
 # Never monkey-patched: readers may be native threads (ThreadPool tasks).
 _allocate_lock = get_original("_thread", "allocate_lock")
 
+#: The pieces in memory and the offset each starts at, swapped as one.
+_Pieces = t.Tuple[t.List[bytes], t.List[int]]
+
+
+def _write_all(fd: int, data: t.Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
 
 class Spool:
     """An append-only byte store, readable at any offset while it grows.
@@ -45,7 +62,18 @@ class Spool:
         temporary directory).
     """
 
-    __slots__ = ("memory_limit", "directory", "size", "ended", "error", "closed", "_memory", "_file", "_lock")
+    __slots__ = (
+        "memory_limit",
+        "directory",
+        "size",
+        "ended",
+        "error",
+        "closed",
+        "_pieces",
+        "_file",
+        "_lock",
+        "_holds",
+    )
 
     def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT, directory: str | None = None) -> None:
         self.memory_limit = memory_limit
@@ -58,9 +86,10 @@ class Spool:
         self.error: BaseException | None = None
         #: True once :meth:`close` freed the bytes.
         self.closed = False
-        self._memory: bytearray | None = bytearray()
-        self._file: t.IO[bytes] | None = None
+        self._pieces: _Pieces | None = ([], [])
+        self._file: t.Any = None
         self._lock = _allocate_lock()
+        self._holds = 0
 
     @property
     def done(self) -> bool:
@@ -80,24 +109,30 @@ class Spool:
             if self.closed:
                 return
             raise RuntimeError("append to a spool that has ended or failed")
-        memory = self._memory
-        if memory is not None and len(memory) + len(data) <= self.memory_limit:
-            memory += data
+        pieces = self._pieces
+        if pieces is not None and (self._holds or self.size + len(data) <= self.memory_limit):
+            chunks, starts = pieces
+            chunks.append(data)  # before its offset: readers index by offset
+            starts.append(self.size)
         else:
             with self._lock:
                 if self.closed:
                     return
-                file = self._file
-                if file is None:
-                    file = self._file = tempfile.TemporaryFile(dir=self.directory)
-                    if memory:
-                        file.write(memory)
-                    # Readers holding the bytearray keep reading their copy;
-                    # new readers find the file.
-                    self._memory = None
-                file.write(data)
-                file.flush()
+                self._spill()
+                _write_all(self._file.fileno(), data)
         self.size += len(data)
+
+    def _spill(self) -> None:
+        # Under the lock: move the pieces in memory to the file, once.
+        if self._file is None:
+            # Unbuffered: a write is one system call, and pread() sees it.
+            self._file = tempfile.TemporaryFile(buffering=0, dir=self.directory)
+            pieces = self._pieces
+            if pieces is not None:
+                for chunk in pieces[0]:
+                    _write_all(self._file.fileno(), chunk)
+            # Readers holding the old snapshot keep reading it.
+            self._pieces = None
 
     def end(self) -> None:
         """No more bytes: the body is complete."""
@@ -108,6 +143,41 @@ class Spool:
         """No more bytes, because of ``error`` (kept for every reader)."""
         if not self.done:
             self.error = error
+
+    # -- whole-body readers ------------------------------------------------------
+
+    def hold(self) -> bool:
+        """Keep the bytes in memory (for a whole-body read that will hold
+        them all itself). Returns ``False`` if they are on disk already."""
+        if self._pieces is None or self.closed:
+            return False
+        self._holds += 1
+        return True
+
+    def unhold(self) -> None:
+        """The whole-body read is over; past the limit, the bytes move to
+        disk unless they became one shared whole (:meth:`whole`)."""
+        self._holds -= 1
+        pieces = self._pieces
+        if self._holds == 0 and pieces is not None and len(pieces[0]) > 1 and self.size > self.memory_limit:
+            with self._lock:
+                if not self.closed:
+                    self._spill()
+
+    def whole(self) -> bytes:
+        """Every byte appended so far, as one ``bytes``; in memory, the spool
+        keeps that same object as its only piece (no second copy)."""
+        pieces = self._pieces
+        if pieces is None:
+            return self.read(0, -1)
+        chunks = pieces[0]
+        size = self.size
+        if len(chunks) == 1 and len(chunks[0]) == size:
+            return bytes(chunks[0])
+        data = b"".join(chunks[: bisect.bisect_left(pieces[1], size)])
+        if len(data) == size and self._pieces is pieces and not self.closed:
+            self._pieces = ([data], [0])
+        return data
 
     # -- readers ---------------------------------------------------------------
 
@@ -122,15 +192,12 @@ class Spool:
         end = min(self.size, position + size) if size >= 0 else self.size
         if end <= position:
             return b""
-        memory = self._memory
-        if memory is not None:
-            if position == 0 and end == len(memory):
-                return bytes(memory)
-            return bytes(memory[position:end])
+        pieces = self._pieces
+        if pieces is not None:
+            return _read_pieces(pieces, position, end)
         with self._lock:
             if self.closed:
                 raise ValueError("read from a closed spool")
-            assert self._file is not None
             return os.pread(self._file.fileno(), end - position, position)
 
     def find(self, byte: bytes, position: int, limit: int) -> int:
@@ -153,7 +220,7 @@ class Spool:
             if self.closed:
                 return
             self.closed = True
-            self._memory = None
+            self._pieces = None
             file, self._file = self._file, None
         if file is not None:
             file.close()
@@ -164,3 +231,25 @@ class Spool:
         )
         where = "file" if self._file is not None else "memory"
         return f"<Spool {state} {self.size} bytes in {where}>"
+
+
+def _read_pieces(pieces: _Pieces, position: int, end: int) -> bytes:
+    chunks, starts = pieces
+    index = bisect.bisect_right(starts, position) - 1
+    first = chunks[index]
+    offset = position - starts[index]
+    if end - starts[index] <= len(first):
+        # Within one piece (the common case: a reader reads what arrived).
+        if offset == 0 and end - position == len(first):
+            return first
+        return first[offset : offset + end - position]
+    out = [first[offset:]]
+    got = len(first) - offset
+    index += 1
+    while position + got < end:
+        chunk = chunks[index]
+        take = min(len(chunk), end - position - got)
+        out.append(chunk if take == len(chunk) else chunk[:take])
+        got += take
+        index += 1
+    return b"".join(out)

@@ -81,20 +81,29 @@ def flask_app(**config: t.Any) -> tuple[Flask, Notes]:
     return app, notes
 
 
-def digest_or_error() -> t.Any:
+def digest_or_error(how: str = "get_data") -> t.Any:
     try:
-        return sha(request.get_data())
+        if how == "get_data":
+            return sha(request.get_data())
+        seen = hashlib.sha256()  # "stream": in pieces, as they arrive
+        while piece := request.stream.read(4096):
+            seen.update(piece)
+        return seen.hexdigest()
     except Exception as exc:
         return exc
 
 
 def upload_view(app: Flask, notes: Notes) -> None:
-    """``POST /upload?children=N``: the view and N children read get_data()."""
+    """``POST /upload?children=N&how=get_data|stream``: the view and N
+    children read the body (the view with get_data(), the children so)."""
 
     @app.post("/upload")
     def upload() -> str:
         notes.body = request.shared_body()
-        children = [geventctx.spawn(digest_or_error) for _ in range(int(request.args.get("children", 0)))]
+        how = request.args.get("how", "get_data")
+        children = [geventctx.spawn(digest_or_error, how) for _ in range(int(request.args.get("children", 0)))]
+        if how == "stream":
+            gevent.joinall(children, timeout=WAIT)  # streamed through the spool first
         mine = digest_or_error()
         gevent.joinall(children, timeout=WAIT)
         notes.results["digests"] = [mine] + [child.value for child in children]
@@ -434,7 +443,9 @@ def test_request_killed_during_teardown_still_frees_the_spool(serve, tmp_path):
     body = os.urandom(20_000)
     client = RawClient(server.port)
     try:
-        client.send_head("POST", "/upload", {"Content-Length": str(len(body)), "Connection": "close"})
+        client.send_head(
+            "POST", "/upload?children=1&how=stream", {"Content-Length": str(len(body)), "Connection": "close"}
+        )
         client.send(body)
         assert in_teardown.wait(WAIT)
         assert len(open_spool_files(str(tmp_path))) == 1  # on disk while the request runs
@@ -457,7 +468,9 @@ def test_spool_files_are_removed_at_teardown(serve, tmp_path, ending):
     body = os.urandom(50_000)
     client = RawClient(server.port)
     try:
-        client.send_head("POST", "/upload?children=2", {"Content-Length": str(len(body)), "Connection": "close"})
+        client.send_head(
+            "POST", "/upload?children=2&how=stream", {"Content-Length": str(len(body)), "Connection": "close"}
+        )
         if ending == "complete":
             client.send(body)
             assert client.read_response(WAIT).status == 200
@@ -474,19 +487,49 @@ def test_spool_files_are_removed_at_teardown(serve, tmp_path, ending):
     assert notes.body is not None and notes.body.spool.closed
 
 
-def test_memory_holds_only_the_memory_limit_of_a_large_body(serve):
+def test_memory_holds_only_the_memory_limit_of_a_large_streamed_body(serve):
     app, notes = flask_app(GEVENTCTX_BODY_MEMORY_LIMIT=64 * 1024)
     upload_view(app, notes)
     server = serve(app)
     body = os.urandom(3 * 1024 * 1024)
     client = RawClient(server.port)
     try:
-        client.send_head("POST", "/upload?children=1", {"Content-Length": str(len(body)), "Connection": "close"})
+        client.send_head(
+            "POST", "/upload?children=1&how=stream", {"Content-Length": str(len(body)), "Connection": "close"}
+        )
         client.send(body)
         assert client.read_response(WAIT).body.decode().split(",") == [sha(body)] * 2
     finally:
         client.close()
     assert notes.results["on_disk"]
+
+
+def test_whole_body_read_shares_its_bytes_with_the_spool(serve):
+    # get_data() holds the whole body in memory anyway: the spool keeps that
+    # same object instead of a second copy on disk.
+    app, notes = flask_app(GEVENTCTX_BODY_MEMORY_LIMIT=64 * 1024)
+
+    @app.post("/whole")
+    def whole() -> str:
+        child = geventctx.spawn(request.get_data)
+        data = request.get_data()
+        child.join(WAIT)
+        shared = request.shared_body()
+        notes.results.update(same=child.value is data, kept=shared.spool.whole() is data, disk=shared.spool.on_disk)
+        return sha(data)
+
+    server = serve(app)
+    body = os.urandom(1024 * 1024)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/whole", {"Content-Length": str(len(body)), "Connection": "close"})
+        for piece in pieces(body, 8):
+            client.send(piece)
+            gevent.sleep(0.005)
+        assert client.read_response(WAIT).body.decode() == sha(body)
+    finally:
+        client.close()
+    assert notes.results == {"same": True, "kept": True, "disk": False}
 
 
 def test_keep_alive_connection_is_in_step_after_a_partly_read_body(serve):

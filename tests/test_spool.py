@@ -119,3 +119,38 @@ def test_a_thread_reads_consistently_while_the_hub_appends_and_rolls_over(tmp_pa
     thread.join(5)
     assert b"".join(seen) == data
     spool.close()
+
+
+def test_reads_across_pieces_in_memory():
+    spool = Spool(memory_limit=1000)
+    for piece in (b"ab", b"cde", b"f", b"ghij"):
+        spool.append(piece)
+    assert spool.read(1, 6) == b"bcdefg"  # spans four pieces
+    assert spool.read(2, 3) == b"cde"  # exactly one piece
+    assert spool.read(9, 5) == b"j"
+
+
+def test_a_held_spool_stays_in_memory_and_shares_the_whole_body(tmp_path):
+    spool = Spool(memory_limit=4, directory=str(tmp_path))
+    assert spool.hold()
+    for piece in (b"abc", b"def", b"ghi"):
+        spool.append(piece)  # past the limit, but held
+    assert not spool.on_disk
+    spool.end()
+    whole = spool.whole()
+    assert whole == b"abcdefghi"
+    assert spool.whole() is whole  # one object, kept as the only piece
+    spool.unhold()
+    assert not spool.on_disk  # the whole is the reader's own: no copy on disk
+
+
+def test_an_unheld_spool_past_its_limit_moves_to_disk(tmp_path):
+    # The whole-body read stopped early (killed, failed): the limit counts again.
+    spool = Spool(memory_limit=4, directory=str(tmp_path))
+    assert spool.hold()
+    spool.append(b"abc")
+    spool.append(b"def")
+    spool.unhold()
+    assert spool.on_disk and spool.read(0, -1) == b"abcdef"
+    assert not spool.hold()  # on disk: nothing to hold
+    spool.close()
