@@ -107,7 +107,8 @@ def translate(exc: BaseException) -> BaseException:
 
     if isinstance(exc, HTTPException):
         return exc
-    if _is_bad_chunking(exc):
+    if _is_bad_chunking(exc) or isinstance(exc, ValueError):
+        # ValueError: gevent.pywsgi parsing an empty chunk-size line.
         error: BaseException = BadRequest(f"malformed request body: {exc}")
     elif isinstance(exc, OSError):
         # gevent.pywsgi: IOError at an early end; gunicorn: NoMoreData.

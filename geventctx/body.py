@@ -28,7 +28,15 @@ What follows from it:
   rest is captured then, each read bounded by ``timeout``.
 - Memory per request is bounded by the spool's memory limit (default 1 MiB),
   whatever the body's size; the rest lives in an unnamed temporary file,
-  freed when the request's scope ends.
+  freed as the last step of the request's teardown. A whole-body read
+  (``get_data()``, ``json``) holds every byte itself anyway: while it
+  reads, the spool keeps the bytes in memory and then shares that one
+  ``bytes`` object instead of writing a second copy to disk.
+- Under gevent.pywsgi a read takes what has arrived, up to 64 KiB, and the
+  pump reads up to 1 MiB ahead of its readers (a read that waits there is
+  stopped without loss when nobody needs it); other servers' inputs block
+  until they have what they were asked for, so they are asked for 8 KiB at
+  a time and the timeout counts per 8 KiB.
 
 Cost: a request that never reads its body and never hands off pays nothing
 (adapters create the shared body lazily). A body that is read costs one

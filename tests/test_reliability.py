@@ -523,7 +523,9 @@ def body_app(adapter: str, teardowns: collections.Counter) -> t.Any:
         names = request.headers["X-Readers"].split(",")
         kids = [geventctx.spawn(consume, name) for name in names[1:]]  # ask while the body arrives
         mine = consume(names[0])
-        gevent.joinall(kids, timeout=JOIN_TIMEOUT)
+        # The view's own reader may read nothing (form of a JSON body), so the
+        # children may wait for the whole trickled upload: the client's bound.
+        gevent.joinall(kids, timeout=JOIN_TIMEOUT * 5)
         return jsonify([mine] + [kid.value if kid.successful() else [None, "hung or died"] for kid in kids])
 
     if adapter == "middleware+flask":
@@ -544,6 +546,12 @@ def send_upload(port: int, up: Upload, rng: random.Random, timeout: float) -> Re
         return raw_exchange(port, request_head("POST", "/upload" + QUERY, headers) + up.body, [], timeout=timeout)
     return raw_exchange(port, request_head("POST", "/upload" + QUERY, headers), split(up.body, rng, 1, 16384),
                         delay=delay, timeout=timeout)
+
+
+def reads_the_body(up: Upload) -> bool:
+    """Some reader of ``up`` reads its body (as Werkzeug does, form, files and
+    values read nothing of a body that is not form data)."""
+    return up.kind != "json" or any(reader not in ("form", "files", "values") for reader in up.readers)
 
 
 def run_body_integrity(serve: t.Any, adapter: str, requests_n: int, largest: int, name: str) -> None:
@@ -575,7 +583,7 @@ def run_body_integrity(serve: t.Any, adapter: str, requests_n: int, largest: int
         if got != wanted:
             diff = [(w[0], g_[1][:40]) for g_, w in zip(got, wanted, strict=False) if g_ != w]
             wrong.append((up.rid, up.kind, up.transfer, diff))
-        elif counters.get(up.rid) != [len(up.body)]:
+        elif counters.get(up.rid) != [len(up.body) if reads_the_body(up) else 0]:
             wrong.append((up.rid, up.kind, up.transfer, "socket bytes", counters.get(up.rid), len(up.body)))
     assert wrong == [], f"{len(wrong)} of {requests_n} uploads went wrong (seed {SEED}): {wrong[:5]}"
     assert teardowns == {up.rid: 1 for up in uploads}
