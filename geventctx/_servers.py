@@ -85,9 +85,29 @@ class _PywsgiChunked(Source):
             # where a peek would wait for bytes the client will never send.
             return b""
         raw._send_100_continue()
-        arrived = len(raw.rfile.peek(1))
         in_chunk = raw.chunk_length - raw.position if raw.chunk_length > 0 else 0
-        return raw.read(min(wanted, CHUNK, max(arrived, in_chunk, 1)))  # type: ignore[no-any-return]
+        if in_chunk <= 0:
+            # At a chunk boundary: one byte makes pywsgi parse the next size
+            # line (it comes with the chunk it announces).
+            return raw.read(1)  # type: ignore[no-any-return]
+        # Inside a chunk the buffered bytes are its data: ask for no more
+        # than arrived, so nothing that arrived is held back.
+        arrived = len(raw.rfile.peek(1))
+        if not arrived:
+            # The connection ended inside a chunk (pywsgi's read(0) would
+            # answer b"", a silently short body).
+            raise OSError("unexpected end of file while parsing chunked data")
+        return raw.read(min(CHUNK, in_chunk, arrived))  # type: ignore[no-any-return]
+
+
+class _GunicornBody(Source):
+    """gunicorn's Body: it reads at least 1 KiB ahead into its buffer; ask
+    for what the buffer holds, or for one byte (that is, the next 1 KiB)."""
+
+    def read(self, wanted: int) -> bytes:
+        raw = self.raw
+        buffered = raw.buf.tell()
+        return raw.read(min(CHUNK, buffered) if buffered > 0 else 1)  # type: ignore[no-any-return]
 
 
 def source_for(raw: t.Any) -> Source:
@@ -98,7 +118,17 @@ def source_for(raw: t.Any) -> Source:
             return _PywsgiChunked(raw)
         if raw.content_length is not None:
             return _PywsgiLength(raw)
+    if type(raw).__module__ == "gunicorn.http.body" and hasattr(getattr(raw, "buf", None), "tell"):
+        return _GunicornBody(raw)
     return Source(raw)
+
+
+def response_started(raw: t.Any) -> None:
+    """The final response has begun: a ``100 Continue`` may no longer be sent
+    (a capture after the response reads without it, as pywsgi's own discard
+    does)."""
+    if hasattr(raw, "send_100_continue_enabled"):
+        raw.send_100_continue_enabled = False
 
 
 def translate(exc: BaseException) -> BaseException:
@@ -156,4 +186,14 @@ def close_connection(environ: dict[str, t.Any], raw: t.Any) -> bool:
         sock.shutdown(_stdlib_socket.SHUT_RDWR)
     except OSError:
         pass  # already gone
+    # Bytes the server already buffered must not be parsed as a request.
+    rfile = getattr(raw, "rfile", None)
+    read1 = getattr(rfile, "read1", None)
+    if read1 is not None:
+        try:
+            for _ in range(64):
+                if not read1(65536):
+                    break
+        except (OSError, ValueError):
+            pass
     return True

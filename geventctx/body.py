@@ -57,6 +57,7 @@ import weakref
 
 import gevent
 from gevent import Timeout
+from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
 
 from . import _servers
@@ -97,6 +98,8 @@ CHUNK = _servers.CHUNK
 READ_AHEAD = 1024 * 1024
 
 _EVERYTHING = sys.maxsize
+
+_allocate_lock = get_original("_thread", "allocate_lock")
 
 
 class _QuietStop(Exception):
@@ -250,14 +253,13 @@ class SharedBody(io.RawIOBase):
 
         spool = self._spool
         seconds = self.timeout if self.timeout and self.timeout > 0 else None
-        timer = Timeout(seconds) if seconds is not None else None
         try:
             while not spool.done:
                 wanted = self._wanted()
                 if wanted <= 0:
                     break
                 try:
-                    data = self._read_source(wanted, timer)
+                    data = self._read_source(wanted, seconds)
                 except _QuietStop:
                     break
                 if spool.closed:
@@ -288,17 +290,18 @@ class SharedBody(io.RawIOBase):
             if not isinstance(exc, Exception):
                 raise
         finally:
-            if timer is not None:
-                timer.close()
             self._pump = None
             self._changes.notify()
 
-    def _read_source(self, size: int, timer: Timeout | None) -> bytes:
+    def _read_source(self, size: int, seconds: float | None) -> bytes:
         source = self._source
         assert source is not None
-        if timer is None:
+        if seconds is None:
             return source.read(size)
-        timer.start()  # one timer per pump run, restarted for each read (P3)
+        # A new timer per read: a gevent Timeout started again after
+        # cancel() keeps its first deadline (the timeout counts per read).
+        timer = Timeout(seconds)
+        timer.start()
         try:
             return source.read(size)
         except Timeout as exc:
@@ -310,7 +313,7 @@ class SharedBody(io.RawIOBase):
             self.broken = True
             raise BodyTimeout(f"the client sent no request body bytes for {timer.seconds:g}s") from None
         finally:
-            timer.cancel()
+            timer.close()
 
     def _progress(self) -> None:
         # Wake waiters only when one of them can go on.
@@ -468,6 +471,7 @@ class SharedBody(io.RawIOBase):
         down if it is not. Interrupted, it stops the pump and closes the
         connection: no greenlet keeps reading.
         """
+        _servers.response_started(self.raw)
         try:
             if killed:
                 self._abort()
@@ -475,9 +479,14 @@ class SharedBody(io.RawIOBase):
             if children and not self._spool.done:
                 self._capturing = True
                 self._start_pump()
+                self._changes.wait(lambda: self._pump is None)
             else:
+                # Nobody reads on: a read in flight ends within the timeout
+                # (or is stopped without loss); else the connection closes.
                 self._stop_reading_ahead()
-            self._changes.wait(lambda: self._pump is None)
+                bound = self.timeout if self.timeout and self.timeout > 0 else DEFAULT_TIMEOUT
+                if not self._changes.wait(lambda: self._pump is None, timeout=bound):
+                    self._abort()
         except BaseException:
             self._abort()
             raise
@@ -567,13 +576,17 @@ class SharedFile(io.RawIOBase):
 
     Each greenlet reads the file from the start through its own position, so
     a file read by the parent is still complete for a child. ``seek`` and
-    ``tell`` move the calling greenlet's position only.
+    ``tell`` move the calling greenlet's position only; a seek and its read
+    happen under a native lock (ThreadPool tasks read it too). ``close()``
+    by one reader does nothing: the file belongs to the request, and
+    :meth:`release` (the request's deferred ``close()``) closes it.
     """
 
     def __init__(self, file: t.IO[bytes]) -> None:
         super().__init__()
         self.file = file
         self._positions: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
+        self._lock = _allocate_lock()
 
     def readable(self) -> bool:
         return True
@@ -585,10 +598,10 @@ class SharedFile(io.RawIOBase):
         return self._positions.get(getcurrent(), 0)
 
     def read(self, size: int | None = -1) -> bytes:
-        # Local file reads do not switch greenlets, so seek+read is atomic.
-        self.file.seek(self._at())
-        data = self.file.read(-1 if size is None else size)
-        self._positions[getcurrent()] = self.file.tell()
+        with self._lock:
+            self.file.seek(self._at())
+            data = self.file.read(-1 if size is None else size)
+            self._positions[getcurrent()] = self.file.tell()
         return data
 
     def readall(self) -> bytes:
@@ -600,9 +613,10 @@ class SharedFile(io.RawIOBase):
         return len(chunk)
 
     def readline(self, size: int | None = -1) -> bytes:
-        self.file.seek(self._at())
-        data = self.file.readline(-1 if size is None else size)
-        self._positions[getcurrent()] = self.file.tell()
+        with self._lock:
+            self.file.seek(self._at())
+            data = self.file.readline(-1 if size is None else size)
+            self._positions[getcurrent()] = self.file.tell()
         return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -617,8 +631,15 @@ class SharedFile(io.RawIOBase):
         return self._at()
 
     def close(self) -> None:
+        """Does nothing: other greenlets may still read the file."""
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.file.closed)
+
+    def release(self) -> None:
+        """Close the file (the request's deferred ``close()``)."""
         self.file.close()
-        super().close()
 
     def __getattr__(self, name: str) -> t.Any:
         return getattr(self.file, name)
@@ -678,6 +699,11 @@ def share_wsgi_input(
     return body
 
 
+#: In ``environ[ENVIRON_BODY]`` once a request ended without a shared body:
+#: a late reader gets a clear error instead of racing the server for the socket.
+BODY_GONE = "geventctx.body-gone"
+
+
 def end_of_response(environ: dict[str, t.Any], scope: t.Any, killed: bool = False) -> None:
     """The response of ``scope``'s request was written, or its app call raised.
 
@@ -686,11 +712,18 @@ def end_of_response(environ: dict[str, t.Any], scope: t.Any, killed: bool = Fals
     still holding ``scope``, the rest of the body is captured for them (see
     :meth:`SharedBody.end_response`).
     """
+    if not killed:
+        # Called from a server's finally while a kill (GreenletExit, a
+        # gevent.Timeout) propagates: then it is a kill too.
+        in_flight = sys.exc_info()[1]
+        killed = in_flight is not None and not isinstance(in_flight, Exception)
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
         if body.owner is scope:
             scope.defer(body.release)
         body.end_response(children=not scope.closed, killed=killed)
+    elif body is None:
+        environ[ENVIRON_BODY] = BODY_GONE
 
 
 def _content_length(environ: dict[str, t.Any]) -> int | None:

@@ -27,7 +27,8 @@ import typing as t
 
 from gevent.monkey import get_original
 
-from .body import ENVIRON_BODY, SharedBody, SharedFile
+from .body import BODY_GONE, ENVIRON_BODY, SharedBody, SharedFile
+from .errors import BodyReadError
 
 __all__ = ["SharedBodyRequest", "shared_body_request_class", "ENVIRON_BODY_PLAN"]
 
@@ -59,6 +60,11 @@ class SharedBodyRequest:
         """The request's shared body (made now if an adapter planned one), or ``None``."""
         environ = self.environ
         body = environ.get(ENVIRON_BODY)
+        if body is BODY_GONE and environ.get(ENVIRON_BODY_PLAN) is not None:
+            raise BodyReadError(
+                "the request has ended and its body was never read: read it before the response, "
+                "or in a child handed the request's context before the response"
+            )
         if body is None:
             plan = environ.get(ENVIRON_BODY_PLAN)
             if plan is None or self.shallow:
@@ -102,6 +108,14 @@ class SharedBodyRequest:
         if data is not None:
             return io.BytesIO(data)
         return t.cast(t.IO[bytes], body.cursor())  # the parser's own reader, from the first byte
+
+    def close(self) -> None:
+        """Close the uploaded files (Flask defers this to the request's end)."""
+        files = self.__dict__.get("files")
+        for _name, upload in files.items(multi=True) if files is not None else ():
+            if isinstance(upload.stream, SharedFile):
+                upload.stream.release()
+        super().close()  # type: ignore[misc]
 
     def _load_form_data(self) -> None:
         state = self.__dict__

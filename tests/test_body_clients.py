@@ -262,6 +262,26 @@ def test_stalled_body_times_out_for_every_reader_as_a_408_and_the_connection_clo
     wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
 
 
+def test_slow_but_steady_client_is_not_timed_out(serve):
+    # The timeout counts the wait for bytes, not the whole upload: 12 pieces
+    # 0.15 s apart take far longer than the 0.5 s timeout, and all arrive.
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=0.5)
+    upload_view(app, notes)
+    server = serve(app)
+    body = os.urandom(12_000)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/upload?children=1", {"Content-Length": str(len(body)), "Connection": "close"})
+        for piece in pieces(body, 12):
+            client.send(piece)
+            gevent.sleep(0.15)
+        response = client.read_response(WAIT)
+    finally:
+        client.close()
+    assert response.status == 200, response.body
+    assert response.body.decode().split(",") == [sha(body)] * 2
+
+
 def test_child_reading_a_stalled_body_after_the_response_times_out_and_teardown_runs(serve):
     app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=0.5)
 
@@ -554,7 +574,218 @@ def test_keep_alive_connection_is_in_step_after_a_partly_read_body(serve):
     assert ENVIRON_BODY  # (the module's name for the body in the environ)
 
 
-# -- 6. the same under gunicorn -k gevent ------------------------------------------------
+# -- 6. what an attack on the tee found ------------------------------------------------
+
+
+def test_no_100_continue_is_sent_after_the_final_response(serve):
+    # The view hands off and answers without reading; the client waits for
+    # the 100 as RFC 9110 allows. A capture for the child must not send a 100
+    # after the final response: the client never sends the body, the body
+    # times out for the child, and the connection closes.
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=0.5)
+
+    @app.post("/later")
+    def later() -> str:
+        geventctx.spawn(lambda: notes.results.setdefault("child", digest_or_error()))
+        return "sent"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/later", {"Content-Length": "5000", "Expect": "100-continue"})
+        response = client.read_response(WAIT)
+        assert response.status == 200 and response.body == b"sent"
+        assert client.closed_by_server(WAIT)
+        assert client.received == b""  # nothing after the final response
+    finally:
+        client.close()
+    wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+    assert isinstance(notes.results["child"], BodyTimeout)
+
+
+def test_reader_not_holding_the_request_after_it_ended_gets_a_clear_error(serve):
+    # A plain gevent.spawn under patch() sees the request but does not hold
+    # it: reading a body nobody read before the response must not race the
+    # server for the socket.
+    app, notes = flask_app()
+    done = Event()
+
+    @app.post("/late")
+    def late() -> str:
+        def child() -> None:
+            gevent.sleep(0.2)
+            notes.results["child"] = digest_or_error()
+            done.set()
+
+        gevent.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    geventctx.patch()
+    try:
+        client = RawClient(server.port)
+        try:
+            body = os.urandom(3000)
+            client.send_head("POST", "/late", {"Content-Length": str(len(body))})
+            client.send(body)
+            assert client.read_response(WAIT).body == b"ok"
+            assert done.wait(WAIT)
+            client.send_head("GET", "/nothing", {"Connection": "close"})  # the connection is in step
+            assert client.read_response(WAIT).status == 404
+        finally:
+            client.close()
+    finally:
+        geventctx.unpatch()
+    error = notes.results["child"]
+    assert isinstance(error, BodyReadError) and "has ended" in str(error)
+
+
+def test_uploaded_file_is_complete_for_thread_tasks_and_the_parent(serve):
+    pool = geventctx.ThreadPool(4)
+    app, notes = flask_app()
+    content = os.urandom(1_500_000)  # Werkzeug spools it to a file
+    body, content_type = multipart({}, {"f": ("big.bin", content)})
+
+    def read_upload() -> str:
+        seen = hashlib.sha256()
+        upload = request.files["f"]
+        while piece := upload.read(4096):
+            seen.update(piece)
+        return seen.hexdigest()
+
+    @app.post("/files")
+    def files() -> str:
+        request.files  # parsed once, before the readers start
+        tasks = [pool.spawn(read_upload) for _ in range(4)]
+        mine = read_upload()
+        notes.results["digests"] = [mine] + [task.get(timeout=WAIT) for task in tasks]
+        return "ok"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/files", {"Content-Length": str(len(body)), "Content-Type": content_type})
+        client.send(body)
+        assert client.read_response(WAIT).status == 200
+    finally:
+        client.close()
+        pool.kill()
+    assert notes.results["digests"] == [sha(content)] * 5
+
+
+def test_an_upload_closed_by_one_reader_stays_readable_for_the_others(serve):
+    app, notes = flask_app()
+
+    @app.post("/files")
+    def files() -> str:
+        def child() -> str:
+            upload = request.files["f"]
+            data = upload.read()
+            upload.close()  # done with it, as a child would be
+            return sha(data)
+
+        mine = geventctx.spawn(child).get(timeout=WAIT)
+        notes.results["digests"] = [mine, sha(request.files["f"].read())]
+        return "ok"
+
+    content = os.urandom(5000)
+    body, content_type = multipart({}, {"f": ("a.bin", content)})
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/files", {"Content-Length": str(len(body)), "Content-Type": content_type})
+        client.send(body)
+        assert client.read_response(WAIT).status == 200
+    finally:
+        client.close()
+    assert notes.results["digests"] == [sha(content)] * 2
+
+
+def test_chunked_bytes_that_arrived_reach_a_streaming_reader_at_once(serve):
+    # One 100-byte chunk arrives, then the client waits until the child has
+    # its 5 bytes: the read must not wait for the next chunk.
+    app, notes = flask_app()
+
+    @app.post("/peek")
+    def peek() -> str:
+        child = geventctx.spawn(lambda: notes.results.setdefault("child", request.stream.read(5)))
+        notes.results["parent"] = len(request.get_data())
+        child.join(WAIT)
+        return "ok"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/peek", {"Transfer-Encoding": "chunked", "Connection": "close"})
+        client.send(b"64\r\n" + b"c" * 100 + b"\r\n")
+        wait_for(lambda: "child" in notes.results, WAIT, "the child's 5 bytes before the next chunk")
+        client.send(b"64\r\n" + b"d" * 100 + b"\r\n0\r\n\r\n")
+        assert client.read_response(WAIT).status == 200
+    finally:
+        client.close()
+    assert notes.results == {"child": b"ccccc", "parent": 200}
+
+
+def test_iterating_the_stream_by_line_reads_the_socket_in_pieces_not_bytes(serve, monkeypatch):
+    from geventctx import _servers
+
+    reads = [0]
+    read = _servers._PywsgiLength.read
+
+    def counted(self: t.Any, wanted: int) -> bytes:
+        reads[0] += 1
+        return read(self, wanted)
+
+    monkeypatch.setattr(_servers._PywsgiLength, "read", counted)
+    app, notes = flask_app()
+
+    @app.post("/lines")
+    def lines() -> str:
+        notes.results["lines"] = sum(1 for _line in request.stream)
+        return "ok"
+
+    body = b"".join(b"%05d %s\n" % (i, b"x" * 90) for i in range(3000))  # 300 KB of lines
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/lines", {"Content-Length": str(len(body)), "Connection": "close"})
+        for piece in pieces(body, 30):
+            client.send(piece)
+            gevent.sleep(0.002)
+        assert client.read_response(WAIT).status == 200
+    finally:
+        client.close()
+    assert notes.results["lines"] == 3000
+    assert reads[0] < 200  # one read per piece that arrived, not one per byte
+
+
+def test_request_killed_while_a_streaming_response_reads_the_body_leaves_nothing_running(serve):
+    from flask import stream_with_context
+
+    app, notes = flask_app()
+
+    @app.post("/stream")
+    def stream() -> t.Any:
+        notes.body = request.shared_body()
+
+        def generate() -> t.Iterator[bytes]:
+            yield b"start "
+            yield request.stream.read(50)  # the client stalls: waits here
+
+        return app.response_class(stream_with_context(generate()))
+
+    server = pooled_server(serve, app)
+    client = stall(server, "/stream")
+    try:
+        client.read_until(b"start ", WAIT)
+        wait_for(lambda: notes.body.waiting == 1, WAIT, "the generator to wait for the body")
+        server.stop(timeout=0.2)
+        wait_for(lambda: not notes.body.reading, WAIT, "the pump to stop")
+    finally:
+        client.close()
+
+
+# -- 7. the same under gunicorn -k gevent ------------------------------------------------
 
 
 def gunicorn_body_app(server: t.Callable[..., t.Any], **env: str) -> t.Any:
@@ -587,6 +818,24 @@ def test_gunicorn_stalled_body_does_not_hold_back_the_response_and_closes_at_the
     finally:
         client.close()
     assert gunicorn_events(srv.port)["teardown_request"] == ["None"], srv.context()
+
+
+def test_gunicorn_slow_but_steady_client_is_not_timed_out(server):
+    # gunicorn's input blocks until it has what it was asked for: geventctx
+    # asks it for what it buffered, or for its next 1 KiB.
+    srv = gunicorn_body_app(server, GEVENTCTX_BODY_TIMEOUT="1")
+    body = os.urandom(4000)
+    client = RawClient(srv.port)
+    try:
+        client.send_head("POST", "/upload?children=1", {"Content-Length": str(len(body)), "Connection": "close"})
+        for piece in pieces(body, 20):  # 200 bytes every 0.1 s: 2 s in all
+            client.send(piece)
+            gevent.sleep(0.1)
+        response = client.read_response(WAIT)
+    finally:
+        client.close()
+    assert response.status == 200, response.body + srv.context().encode()
+    assert response.body.decode().split(",") == [sha(body)] * 2, srv.context()
 
 
 def test_gunicorn_client_waiting_for_100_continue_and_curl(server, tmp_path):
