@@ -785,6 +785,31 @@ def test_request_killed_while_a_streaming_response_reads_the_body_leaves_nothing
         client.close()
 
 
+def test_bytes_after_a_malformed_chunk_are_never_run_as_a_request(serve):
+    # Without geventctx pywsgi runs the buffered rest as the next request;
+    # the shared body closes the connection and drops what was buffered.
+    app, notes = flask_app()
+    upload_view(app, notes)
+    smuggled: list[str] = []
+
+    @app.get("/smuggled")
+    def smuggled_view() -> str:
+        smuggled.append(request.path)
+        return "ran"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/upload", {"Transfer-Encoding": "chunked"})
+        client.send(b"Q" + b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.read_response(WAIT).status == 400
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+    settle()
+    assert smuggled == []
+
+
 # -- 7. the same under gunicorn -k gevent ------------------------------------------------
 
 
