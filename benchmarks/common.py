@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import typing as t
 
 
@@ -65,3 +69,23 @@ def _recv(sock: t.Any) -> bytes:
     if not chunk:
         raise ConnectionError("server closed the connection")
     return chunk
+
+
+def start_server(script: str, *args: str) -> tuple[subprocess.Popen[str], t.Any]:
+    """Run ``script`` (a file next to this one) as a server process; returns
+    it and the JSON of its first line (ports, ...). Killed if it fails."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(here, script), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the server process did not start: {proc.communicate(timeout=10)[1]}")
+        return proc, json.loads(line)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise

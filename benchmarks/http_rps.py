@@ -54,6 +54,7 @@ import time
 import typing as t
 
 from common import Row, read_response
+from common import start_server as common_start_server
 
 TITLE = "HTTP req/s, view spawning 4 children, gevent.pywsgi in its own process (P4)"
 
@@ -311,19 +312,7 @@ def _get(port: int, path: str, method: str = "GET") -> bytes:
 
 def start_server() -> tuple[subprocess.Popen[str], dict[str, int]]:
     """The server process and its ports; killed if it does not come up."""
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "http_rps.py"), "serve"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the server process did not start: {proc.communicate(timeout=10)[1]}")
-        return proc, json.loads(line)
-    except BaseException:
-        stop_server(proc)
-        raise
+    return common_start_server("http_rps.py", "serve")
 
 
 def stop_server(proc: subprocess.Popen[str]) -> str:

@@ -68,6 +68,7 @@ import time
 import typing as t
 
 from common import Row
+from common import start_server as common_start_server
 
 TITLE = "large uploads through the tee: peak RSS (P6), curl Expect: 100-continue"
 
@@ -225,19 +226,7 @@ def serve(kind: str) -> None:
 
 def start_server(kind: str) -> tuple[subprocess.Popen[str], dict[str, t.Any]]:
     """A fresh server process and its first line (ports, idle peak RSS)."""
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "upload.py"), "serve", kind],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the server process did not start: {proc.communicate(timeout=10)[1]}")
-        return proc, json.loads(line)
-    except BaseException:
-        stop_server(proc)
-        raise
+    return common_start_server("upload.py", "serve", kind)
 
 
 def stop_server(proc: subprocess.Popen[str]) -> tuple[dict[str, t.Any] | None, str]:

@@ -112,7 +112,42 @@ class Readable(t.Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class SharedBody(io.RawIOBase):
+class _Reader(io.RawIOBase):
+    """The file methods of a body reader, at the position a subclass keeps."""
+
+    _body: SharedBody
+
+    def _at(self) -> int:
+        raise NotImplementedError
+
+    def _move(self, position: int) -> None:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        position = self._at()
+        data = self._body._read_at(position, size)
+        self._move(position + len(data))
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        position = self._at()
+        data = self._body._readline_at(position, size)
+        self._move(position + len(data))
+        return data
+
+
+class SharedBody(_Reader):
     """The body of one request, shared by its greenlets and thread tasks.
 
     As a file (``wsgi.input``, Werkzeug's ``stream``) each greenlet reads
@@ -425,32 +460,15 @@ class SharedBody(io.RawIOBase):
             cursors = self._cursor_map = weakref.WeakKeyDictionary()
         return cursors
 
-    def readable(self) -> bool:
-        return True
+    @property
+    def _body(self) -> SharedBody:  # type: ignore[override]
+        return self
 
-    def read(self, size: int | None = -1) -> bytes:
-        reader = getcurrent()
-        cursors = self._cursors
-        position = cursors.get(reader, 0)
-        data = self._read_at(position, size)
-        cursors[reader] = position + len(data)
-        return data
+    def _at(self) -> int:
+        return self._cursors.get(getcurrent(), 0)
 
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: t.Any) -> int:
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-    def readline(self, size: int | None = -1) -> bytes:
-        reader = getcurrent()
-        cursors = self._cursors
-        position = cursors.get(reader, 0)
-        data = self._readline_at(position, size)
-        cursors[reader] = position + len(data)
-        return data
+    def _move(self, position: int) -> None:
+        self._cursors[getcurrent()] = position
 
     def close(self) -> None:
         """Does nothing: the body belongs to the request, not to one reader
@@ -538,7 +556,7 @@ class SharedBody(io.RawIOBase):
         return f"<SharedBody {state} {spool.size}/{self.length if self.length is not None else '?'} bytes>"
 
 
-class BodyCursor(io.RawIOBase):
+class BodyCursor(_Reader):
     """An independent reader of a :class:`SharedBody`, from its first byte."""
 
     def __init__(self, body: SharedBody) -> None:
@@ -546,26 +564,11 @@ class BodyCursor(io.RawIOBase):
         self._body = body
         self._position = 0
 
-    def readable(self) -> bool:
-        return True
+    def _at(self) -> int:
+        return self._position
 
-    def read(self, size: int | None = -1) -> bytes:
-        data = self._body._read_at(self._position, size)
-        self._position += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: t.Any) -> int:
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-    def readline(self, size: int | None = -1) -> bytes:
-        data = self._body._readline_at(self._position, size)
-        self._position += len(data)
-        return data
+    def _move(self, position: int) -> None:
+        self._position = position
 
     def tell(self) -> int:
         return self._position

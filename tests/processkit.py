@@ -1,4 +1,5 @@
-"""Real server processes for tests: start, wait until they accept, stop.
+"""Real server processes for tests: start, wait until they accept, stop;
+and what files this process holds open.
 
 A server is a subprocess on a free port of 127.0.0.1, in its own process
 group (master and workers stop together), its output in a temporary file
@@ -26,6 +27,20 @@ BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+
+
+def open_files_in(directory: str) -> list[str]:
+    """Files this process has open in ``directory``, unlinked ones too (the
+    body's spool files have no name: only /proc/self/fd shows them)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory):
+            found.append(target)
+    return found
 
 
 def free_port() -> int:

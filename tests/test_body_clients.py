@@ -30,7 +30,7 @@ from curlkit import curl
 from flask import Flask, request
 from gevent.event import Event
 from httpkit import RawClient, multipart, pieces, settle, wait_for
-from processkit import executable
+from processkit import executable, open_files_in
 from werkzeug.wrappers import Request as WerkzeugRequest
 
 import geventctx
@@ -44,19 +44,6 @@ WAIT = 5.0  # every wait of a view, a child or a client is bounded by this
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def open_spool_files(directory: str) -> list[str]:
-    """Files of this process open in ``directory`` (spool files have no name)."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(directory):
-            found.append(target)
-    return found
 
 
 class Notes:
@@ -468,9 +455,9 @@ def test_request_killed_during_teardown_still_frees_the_spool(serve, tmp_path):
         )
         client.send(body)
         assert in_teardown.wait(WAIT)
-        assert len(open_spool_files(str(tmp_path))) == 1  # on disk while the request runs
+        assert len(open_files_in(str(tmp_path))) == 1  # on disk while the request runs
         server.stop(timeout=0.2)
-        wait_for(lambda: not open_spool_files(str(tmp_path)), WAIT, "the spool file to be freed")
+        wait_for(lambda: not open_files_in(str(tmp_path)), WAIT, "the spool file to be freed")
     finally:
         client.close()
 
@@ -500,7 +487,7 @@ def test_spool_files_are_removed_at_teardown(serve, tmp_path, ending):
             if ending == "client-gone":
                 client.close()
         wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
-        wait_for(lambda: not open_spool_files(str(tmp_path)), WAIT, "the spool file to be freed")
+        wait_for(lambda: not open_files_in(str(tmp_path)), WAIT, "the spool file to be freed")
     finally:
         client.close()
     assert os.listdir(tmp_path) == []
@@ -661,15 +648,11 @@ def test_uploaded_file_is_complete_for_thread_tasks_and_the_parent(serve):
         notes.results["digests"] = [mine] + [task.get(timeout=WAIT) for task in tasks]
         return "ok"
 
-    server = serve(app)
-    client = RawClient(server.port)
     try:
-        client.send_head("POST", "/files", {"Content-Length": str(len(body)), "Content-Type": content_type})
-        client.send(body)
-        assert client.read_response(WAIT).status == 200
+        response = serve(app).request("POST", "/files", headers={"Content-Type": content_type}, body=body)
     finally:
-        client.close()
         pool.kill()
+    assert response.status == 200
     assert notes.results["digests"] == [sha(content)] * 5
 
 
@@ -690,14 +673,8 @@ def test_an_upload_closed_by_one_reader_stays_readable_for_the_others(serve):
 
     content = os.urandom(5000)
     body, content_type = multipart({}, {"f": ("a.bin", content)})
-    server = serve(app)
-    client = RawClient(server.port)
-    try:
-        client.send_head("POST", "/files", {"Content-Length": str(len(body)), "Content-Type": content_type})
-        client.send(body)
-        assert client.read_response(WAIT).status == 200
-    finally:
-        client.close()
+    response = serve(app).request("POST", "/files", headers={"Content-Type": content_type}, body=body)
+    assert response.status == 200
     assert notes.results["digests"] == [sha(content)] * 2
 
 

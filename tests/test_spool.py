@@ -11,21 +11,9 @@ import os
 import threading
 
 import pytest
+from processkit import open_files_in
 
 from geventctx.spool import Spool
-
-
-def open_fds_in(directory: str) -> list[str]:
-    """This process's open files made in ``directory`` (unlinked ones too)."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(directory):
-            found.append(target)
-    return found
 
 
 def test_reads_see_bytes_as_they_arrive_and_only_those():
@@ -45,18 +33,18 @@ def test_memory_limit_moves_the_bytes_to_an_unnamed_file_and_close_frees_it(tmp_
     spool = Spool(memory_limit=8, directory=str(tmp_path))
     spool.append(b"12345678")
     assert not spool.on_disk  # exactly at the limit: still in memory
-    assert open_fds_in(str(tmp_path)) == []
+    assert open_files_in(str(tmp_path)) == []
     spool.append(b"9")  # one past it
     assert spool.on_disk
     assert os.listdir(tmp_path) == []  # no name on disk, ever
-    assert len(open_fds_in(str(tmp_path))) == 1
+    assert len(open_files_in(str(tmp_path))) == 1
     data = os.urandom(300_000)
     spool.append(data)
     assert spool.read(0, 9) == b"123456789"
     assert spool.read(9, -1) == data
     assert spool.read(5, 10) == b"6789" + data[:6]
     spool.close()
-    assert open_fds_in(str(tmp_path)) == []
+    assert open_files_in(str(tmp_path)) == []
     with pytest.raises(ValueError):
         spool.read(0, 1)
 
