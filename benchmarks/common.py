@@ -89,3 +89,19 @@ def start_server(script: str, *args: str) -> tuple[subprocess.Popen[str], t.Any]
         proc.kill()
         proc.communicate()
         raise
+
+
+def serve_until_stdin_closes(servers: t.Iterable[t.Any], lifetime: float, stop_timeout: float) -> None:
+    """In a server process: serve until the driver closes our stdin (or
+    ``lifetime`` seconds pass), then stop every server."""
+    import gevent
+    import gevent.os
+
+    def stdin_closed() -> None:
+        gevent.os.make_nonblocking(0)
+        while gevent.os.nb_read(0, 4096):
+            pass
+
+    gevent.spawn(stdin_closed).join(timeout=lifetime)
+    for server in servers:
+        server.stop(timeout=stop_timeout)

@@ -53,7 +53,7 @@ import tempfile
 import time
 import typing as t
 
-from common import Row, read_response
+from common import Row, read_response, serve_until_stdin_closes
 from common import start_server as common_start_server
 
 TITLE = "HTTP req/s, view spawning 4 children, gevent.pywsgi in its own process (P4)"
@@ -167,8 +167,6 @@ def serve() -> None:
     """Serve both apps on free loopback ports; print them; exit on stdin EOF."""
     import socket
 
-    import gevent
-    import gevent.os
     from gevent.pywsgi import WSGIServer
 
     class Server(WSGIServer):
@@ -185,14 +183,7 @@ def serve() -> None:
         server.start()
     print(json.dumps({name: server.server_port for name, server in servers.items()}), flush=True)
 
-    def stdin_closed() -> None:
-        gevent.os.make_nonblocking(0)
-        while gevent.os.nb_read(0, 4096):
-            pass
-
-    gevent.spawn(stdin_closed).join(timeout=SERVER_LIFETIME)
-    for server in servers.values():
-        server.stop(timeout=2)
+    serve_until_stdin_closes(servers.values(), SERVER_LIFETIME, 2)
 
 
 # -- the pure-gevent load generator (its own process) -----------------------------

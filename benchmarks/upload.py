@@ -67,7 +67,7 @@ import tempfile
 import time
 import typing as t
 
-from common import Row
+from common import Row, serve_until_stdin_closes
 from common import start_server as common_start_server
 
 TITLE = "large uploads through the tee: peak RSS (P6), curl Expect: 100-continue"
@@ -188,8 +188,6 @@ def make_apps(kind: str) -> dict[str, t.Any]:
 def serve(kind: str) -> None:
     """Serve the ``kind`` apps on free loopback ports; print them and the idle
     peak RSS; on stdin EOF stop and print the peak RSS."""
-    import gevent
-    import gevent.os
     from gevent.pywsgi import WSGIServer
 
     class Server(WSGIServer):
@@ -204,14 +202,7 @@ def serve(kind: str) -> None:
     ports = {name: server.server_port for name, server in servers.items()}
     print(json.dumps({"ports": ports, "idle_hwm": _status("VmHWM")}), flush=True)
 
-    def stdin_closed() -> None:
-        gevent.os.make_nonblocking(0)
-        while gevent.os.nb_read(0, 4096):
-            pass
-
-    gevent.spawn(stdin_closed).join(timeout=SERVER_LIFETIME)
-    for server in servers.values():
-        server.stop(timeout=5)
+    serve_until_stdin_closes(servers.values(), SERVER_LIFETIME, 5)
     print(
         json.dumps(
             {

@@ -112,7 +112,22 @@ class Readable(t.Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class _Reader(io.RawIOBase):
+class _Readable(io.RawIOBase):
+    """``readall`` and ``readinto`` in terms of ``read``."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+class _Reader(_Readable):
     """The file methods of a body reader, at the position a subclass keeps."""
 
     _body: SharedBody
@@ -123,22 +138,11 @@ class _Reader(io.RawIOBase):
     def _move(self, position: int) -> None:
         raise NotImplementedError
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int | None = -1) -> bytes:
         position = self._at()
         data = self._body._read_at(position, size)
         self._move(position + len(data))
         return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: t.Any) -> int:
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
     def readline(self, size: int | None = -1) -> bytes:
         position = self._at()
@@ -574,7 +578,7 @@ class BodyCursor(_Reader):
         return self._position
 
 
-class SharedFile(io.RawIOBase):
+class SharedFile(_Readable):
     """A seekable file (an uploaded file's spool) read by several greenlets.
 
     Each greenlet reads the file from the start through its own position, so
@@ -591,9 +595,6 @@ class SharedFile(io.RawIOBase):
         self._positions: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
         self._lock = _allocate_lock()
 
-    def readable(self) -> bool:
-        return True
-
     def seekable(self) -> bool:
         return True
 
@@ -606,14 +607,6 @@ class SharedFile(io.RawIOBase):
             data = self.file.read(-1 if size is None else size)
             self._positions[getcurrent()] = self.file.tell()
         return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: t.Any) -> int:
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
     def readline(self, size: int | None = -1) -> bytes:
         with self._lock:
