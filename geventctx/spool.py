@@ -19,9 +19,10 @@ page cache, and at most ``memory_limit`` bytes of process memory. The file
 has no name (it is unlinked when made), so nothing is left on disk even if
 the process dies; :meth:`close` frees it.
 
-Thread safety: one thread appends (the request's hub), any thread may read.
-File reads and the switch from memory to file happen under a native lock;
-memory reads take one consistent snapshot and need only the GIL.
+Thread safety: one thread appends (the request's hub), any thread may read
+or hold. Appends, file reads and the switch from memory to file happen
+under a native lock; memory reads take one consistent snapshot and need
+only the GIL.
 
 .. versionadded:: 0.2
 """
@@ -109,18 +110,18 @@ class Spool:
             if self.closed:
                 return
             raise RuntimeError("append to a spool that has ended or failed")
-        pieces = self._pieces
-        if pieces is not None and (self._holds or self.size + len(data) <= self.memory_limit):
-            chunks, starts = pieces
-            chunks.append(data)  # before its offset: readers index by offset
-            starts.append(self.size)
-        else:
-            with self._lock:
-                if self.closed:
-                    return
+        with self._lock:  # against a spill by a thread's unhold()
+            if self.closed:
+                return
+            pieces = self._pieces
+            if pieces is not None and (self._holds or self.size + len(data) <= self.memory_limit):
+                chunks, starts = pieces
+                chunks.append(data)  # before its offset: readers index by offset
+                starts.append(self.size)
+            else:
                 self._spill()
                 _write_all(self._file.fileno(), data)
-        self.size += len(data)
+            self.size += len(data)
 
     def _spill(self) -> None:
         # Under the lock: move the pieces in memory to the file, once.
@@ -149,18 +150,19 @@ class Spool:
     def hold(self) -> bool:
         """Keep the bytes in memory (for a whole-body read that will hold
         them all itself). Returns ``False`` if they are on disk already."""
-        if self._pieces is None or self.closed:
-            return False
-        self._holds += 1
-        return True
+        with self._lock:  # a ThreadPool task may hold it too
+            if self._pieces is None or self.closed:
+                return False
+            self._holds += 1
+            return True
 
     def unhold(self) -> None:
         """The whole-body read is over; past the limit, the bytes move to
         disk unless they became one shared whole (:meth:`whole`)."""
-        self._holds -= 1
-        pieces = self._pieces
-        if self._holds == 0 and pieces is not None and len(pieces[0]) > 1 and self.size > self.memory_limit:
-            with self._lock:
+        with self._lock:
+            self._holds -= 1
+            pieces = self._pieces
+            if self._holds == 0 and pieces is not None and len(pieces[0]) > 1 and self.size > self.memory_limit:
                 if not self.closed:
                     self._spill()
 
