@@ -26,7 +26,7 @@ soak: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
