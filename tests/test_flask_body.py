@@ -132,7 +132,7 @@ def count_socket_reads(app: Flask) -> list[list[int]]:
     return counters
 
 
-def make_app(mode: str = "lock", **config: t.Any) -> Flask:
+def make_app(mode: str = "tee", **config: t.Any) -> Flask:
     app = Flask(__name__)
     app.config["GEVENTCTX_BODY"] = mode
     app.config.update(config)
@@ -151,7 +151,7 @@ class Probe:
 
 
 def reader_app(
-    parent: str, children: t.Sequence[str], mode: str = "lock", reraise: bool = False, **config: t.Any
+    parent: str, children: t.Sequence[str], mode: str = "tee", reraise: bool = False, **config: t.Any
 ) -> tuple[Flask, Probe]:
     """An app whose view ``/read`` runs :func:`read_everywhere`.
 
@@ -214,9 +214,9 @@ def test_every_consumer_gets_the_whole_body_read_once(serve, transfer, body, con
 
 
 @pytest.mark.parametrize("transfer", ["trickled", "chunked"])
-def test_control_without_the_lock_concurrent_readers_lose_data(serve, transfer):
+def test_control_without_the_shared_body_concurrent_readers_lose_data(serve, transfer):
     # GEVENTCTX_BODY="off" is plain Werkzeug: the same concurrent readers step
-    # on each other (interleaved, empty or failed reads) -- what the lock fixes.
+    # on each other (interleaved, empty or failed reads) -- what the shared body fixes.
     app, probe = reader_app("get_data", ["get_data", "stream", "input_stream"], mode="off")
     response = send(serve(app), JSON_BODY, "application/json", transfer)
 
@@ -224,7 +224,7 @@ def test_control_without_the_lock_concurrent_readers_lose_data(serve, transfer):
     assert len(probe.outcomes) == 4
     full = expected("get_data", JSON_BODY)
     cheated = [o for o in probe.outcomes if o.error is not None or o.value != full]
-    assert cheated, "without the lock every reader got the whole body: the control proves nothing"
+    assert cheated, "without the shared body every reader got the whole body: the control proves nothing"
 
 
 # -- 2. failures reach every consumer as the same error; nobody hangs ------------------
@@ -399,7 +399,7 @@ def test_reader_killed_mid_read_leaves_the_body_whole_for_every_later_reader(ser
         ("buffer", "trickled", 500, True),  # small enough: read by the parent at the hand-off
         ("buffer", "trickled", 5000, False),  # over GEVENTCTX_BODY_BUFFER_LIMIT: left to the readers
         ("buffer", "chunked", 500, False),  # unknown length: left to the readers
-        ("lock", "trickled", 500, False),  # control: the default mode reads on first use only
+        ("tee", "trickled", 500, False),  # control: the default mode reads on first use only
     ],
 )
 def test_buffer_mode_reads_the_body_at_the_first_handoff(serve, mode, transfer, size, loaded_at_spawn):

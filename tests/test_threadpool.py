@@ -7,9 +7,8 @@ so ``threading`` is the real thing); the request tests run a Flask app with
 in the hub (``wait_for``, timeouts on ``get``) and in threads (timeouts on
 ``threading.Event.wait``), so a regression fails instead of hanging.
 
-The shared body's lock is a ``gevent.lock.RLock`` that Flask consumers called
-from a thread task take in that thread. The last section tests what this
-relies on in gevent itself, rather than assuming it.
+A thread task that reads body bytes not yet arrived waits on a native lock
+while the request's hub reads them (geventctx._wakeup).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import gevent.exceptions
 import gevent.threadpool
 import pytest
 from flask import Flask, g, request, session
-from gevent.lock import RLock
 from httpkit import CountingInput, multipart, settle, wait_for
 
 import geventctx
@@ -400,87 +398,7 @@ def test_session_mutation_from_a_thread_after_the_response_warns(serve, pools, t
         assert "LATE-THREAD-WRITE" in source.read().splitlines()[warning.lineno - 1]
 
 
-# -- what gevent's locks do across threads (relied on by the body lock) ----------------
-
-
-def test_gevent_rlock_held_by_a_greenlet_blocks_a_thread_and_not_the_hub(pools):
-    pool = pools(1)
-    lock = RLock()
-    steps = []
-    lock.acquire()
-
-    def in_thread():
-        steps.append("thread-asks")
-        got = lock.acquire(timeout=WAIT)
-        steps.append("thread-has-it")
-        lock.release()
-        return got
-
-    result = pool.spawn(in_thread)
-    wait_for(lambda: steps == ["thread-asks"], WAIT, "the thread to ask")
-    ticks = [gevent.spawn(gevent.sleep, 0) for _ in range(3)]
-    gevent.joinall(ticks, timeout=WAIT)  # the hub runs while the thread waits
-    assert all(t.dead for t in ticks)
-    settle()
-    assert steps == ["thread-asks"]  # excluded
-    lock.release()
-    assert result.get(timeout=WAIT) is True
-    assert steps == ["thread-asks", "thread-has-it"]
-    assert lock.acquire(blocking=False)  # released by the thread, free again
-    lock.release()
-
-
-def test_gevent_rlock_held_by_a_thread_makes_a_greenlet_wait_cooperatively(pools, thread_gates):
-    pool = pools(1)
-    lock = RLock()
-    release = thread_gates()
-    steps = []
-
-    def in_thread():
-        with lock:
-            with lock:  # reentrant in its owner
-                steps.append("thread-has-it")
-                release.wait(WAIT)
-                steps.append("thread-releases")
-
-    def greenlet_waits():
-        with lock:
-            steps.append("greenlet-has-it")
-
-    result = pool.spawn(in_thread)
-    wait_for(lambda: steps == ["thread-has-it"], WAIT, "the thread to hold the lock")
-    waiter = gevent.spawn(greenlet_waits)
-    other = gevent.spawn(lambda: "ran")
-    gevent.joinall([other], timeout=WAIT)
-    assert other.value == "ran"  # the waiting greenlet does not block the hub
-    assert not waiter.dead and steps == ["thread-has-it"]
-    with pytest.raises(RuntimeError):
-        lock.release()  # not its owner
-    release.set()
-    waiter.join(timeout=WAIT)
-    result.get(timeout=WAIT)
-    assert steps == ["thread-has-it", "thread-releases", "greenlet-has-it"]
-
-
-def test_gevent_rlock_excludes_threads_from_each_other(pools):
-    pool = pools(4)
-    lock = RLock()
-    inside = []
-    overlaps = []
-
-    def critical(i):
-        for _ in range(20):
-            with lock:
-                inside.append(i)
-                if len(inside) > 1:
-                    overlaps.append(list(inside))
-                time.sleep(0.0002)
-                inside.remove(i)
-        return i
-
-    results = pool.map(critical, range(4))
-    assert results == [0, 1, 2, 3]
-    assert overlaps == []
+# -- thread tasks and the hub ---------------------------------------------------------
 
 
 def test_tasks_that_use_gevent_in_their_thread_keep_its_hub_working(pools):

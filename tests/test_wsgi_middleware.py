@@ -204,7 +204,7 @@ def test_werkzeug_app_scope_and_response_started_seen_by_a_late_child(serve, gat
     assert events == ["child-end", "close"]
 
 
-# -- 2. the body, behind the lock ------------------------------------------------------
+# -- 2. the body, shared --------------------------------------------------------------
 
 JSON_DOC = {"items": list(range(1500)), "text": "caf\u00e9 " * 300}
 JSON_BODY = json.dumps(JSON_DOC).encode()
@@ -342,7 +342,7 @@ def test_control_body_off_concurrent_readers_lose_data(serve, transfer):
     assert not isinstance(probe.inputs[0], SharedBody)
     full = sha(JSON_BODY)
     cheated = [o for o in probe.outcomes if o.error is not None or o.value != full]
-    assert cheated, "without the lock every reader got the whole body: the control proves nothing"
+    assert cheated, "without the shared body every reader got the whole body: the control proves nothing"
 
 
 def test_child_reading_only_after_the_response_gets_the_whole_body(serve, gates):
