@@ -123,6 +123,12 @@ def source_for(raw: t.Any) -> Source:
     return Source(raw)
 
 
+def reads_a_socket(environ: dict[str, t.Any], raw: t.Any) -> bool:
+    """True if ``raw`` is a server's input on the connection's socket (so
+    the server reads it itself once the request ends)."""
+    return _socket_of(environ, raw) is not None
+
+
 def response_started(raw: t.Any) -> None:
     """The final response has begun: a ``100 Continue`` may no longer be sent
     (a capture after the response reads without it, as pywsgi's own discard

@@ -7,7 +7,8 @@ The rule: every way a Werkzeug request reads its body — ``get_data``,
 its own cursor; without one, the request is plain Werkzeug.
 
 What follows: ``get_data()`` is the complete raw body for every greenlet
-(also for form posts, whoever parsed first); the form is parsed once, by
+(also for form posts, whoever parsed first), and ``data`` is empty for form
+data, as Werkzeug documents; the form is parsed once, by
 the first greenlet or thread that asks, while the others wait for its
 result (or its error); each greenlet reads ``stream`` and each uploaded file
 from its own position. Werkzeug's form parser reads the body in pieces as
@@ -37,6 +38,9 @@ __all__ = ["SharedBodyRequest", "shared_body_request_class", "ENVIRON_BODY_PLAN"
 #: that never reads pays nothing).
 ENVIRON_BODY_PLAN = "geventctx.body_plan"
 
+#: What Werkzeug's form parser reads the body for.
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
 # The form's "being parsed" mark is taken under a native lock: a ThreadPool
 # task and a greenlet may ask at the same moment.
 _mark_lock = get_original("_thread", "allocate_lock")()
@@ -60,7 +64,7 @@ class SharedBodyRequest:
         """The request's shared body (made now if an adapter planned one), or ``None``."""
         environ = self.environ
         body = environ.get(ENVIRON_BODY)
-        if body is BODY_GONE and environ.get(ENVIRON_BODY_PLAN) is not None:
+        if body is BODY_GONE:
             raise BodyReadError(
                 "the request has ended and its body was never read: read it before the response, "
                 "or in a child handed the request's context before the response"
@@ -92,6 +96,12 @@ class SharedBodyRequest:
         body = self.shared_body()
         if body is None:
             return super().get_data(cache, as_text, parse_form_data)  # type: ignore[misc,no-any-return]
+        if parse_form_data and self.mimetype in _FORM_TYPES:  # type: ignore[attr-defined]
+            # As Werkzeug documents for ``data``: empty for form data, the
+            # form parsed instead (and not cached as the raw body, so that
+            # get_data() stays the same for every consumer).
+            self._load_form_data()
+            return "" if as_text else b""
         # The raw body for every consumer, whoever read or parsed first.
         data: bytes | None = getattr(self, "_cached_data", None)
         if data is None:
