@@ -542,6 +542,7 @@ class SharedBody(_Reader):
         """
         self._capturing = False
         self._spool.close()
+        self._stop_reading_ahead()  # nobody can want the bytes any more
         self._changes.notify()
 
     def __repr__(self) -> str:

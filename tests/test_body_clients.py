@@ -194,6 +194,7 @@ def test_stalled_body_does_not_hold_back_the_response(serve):
     @app.post("/fire")
     def fire() -> str:
         geventctx.spawn(gevent.sleep, 0.1)
+        notes.body = request.shared_body()
         return "sent"
 
     server = serve(app)
@@ -201,8 +202,10 @@ def test_stalled_body_does_not_hold_back_the_response(serve):
     try:
         response = client.read_response(WAIT)
         assert response.status == 200 and response.body == b"sent"
-        # Teardown ran once the child ended, with the client still stalled.
+        # Teardown ran once the child ended, with the client still stalled,
+        # and the capture for the child stopped: nobody can read any more.
         wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown while the client stalls")
+        wait_for(lambda: not notes.body.reading, WAIT, "the capture to stop once no child is left")
     finally:
         client.close()
     settle()
