@@ -379,11 +379,17 @@ class SharedBody(_Reader):
             self._ahead = _EVERYTHING if target == _EVERYTHING else target + READ_AHEAD
         try:
             if changes.in_owner_thread():
-                self._start_pump()
+                # Start the pump, and again if it stopped (read ahead, then
+                # stopped quietly) before this reader had its bytes.
+                while not (spool.size >= target or spool.done):
+                    self._start_pump()
+                    changes.wait(lambda: spool.size >= target or spool.done or self._pump is None)
             else:
-                # A ThreadPool task: the request's own hub reads the socket.
-                changes.hub.loop.run_callback_threadsafe(self._start_pump)
-            changes.wait(lambda: spool.size >= target or spool.done)
+                # A ThreadPool task: the request's own hub reads the socket;
+                # asked again now and then, in case its pump stopped.
+                while not (spool.size >= target or spool.done):
+                    changes.hub.loop.run_callback_threadsafe(self._start_pump)
+                    changes.wait(lambda: spool.size >= target or spool.done, timeout=1.0)
         finally:
             targets.remove(target)
 
@@ -521,17 +527,23 @@ class SharedBody(_Reader):
         # Nobody will read on: the server discards the rest itself. A read
         # ahead that waits can be stopped without loss.
         self._ahead = 0
-        pump = self._pump
         source = self._source
-        if pump is not None and source is not None and source.lossless and not self._targets:
-            gevent.kill(pump, _QuietStop)
+        if self._pump is not None and source is not None and source.lossless:
+            self._changes.hub.loop.run_callback(self._stop_pump, self._pump, _QuietStop, True)
+
+    def _stop_pump(self, pump: t.Any, error: type[BaseException], only_if_idle: bool) -> None:
+        # A hub callback, so it checks what it finds when it runs, not when
+        # it was scheduled: the same pump, still alive (a throw into a dead
+        # greenlet fails in the hub), and for a quiet stop nobody waiting.
+        if self._pump is pump and not pump.dead and not (only_if_idle and self._targets):
+            pump.throw(error)
 
     def _abort(self) -> None:
         pump = self._pump
         if pump is None:
             return
         self.broken = True
-        gevent.kill(pump)
+        self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
         self._changes.wait(lambda: self._pump is None, timeout=1.0)
 
     def release(self) -> None:

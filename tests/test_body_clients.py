@@ -765,6 +765,41 @@ def test_request_killed_while_a_streaming_response_reads_the_body_leaves_nothing
         client.close()
 
 
+def test_views_that_read_part_of_a_steady_upload_leave_no_error_in_the_hub(serve, capfd):
+    # The pump reads ahead; when the view returns it is stopped without loss.
+    # That stop is a hub callback that must find the pump still reading.
+    app, notes = flask_app()
+
+    @app.post("/part/<int:n>")
+    def part(n: int) -> str:
+        return str(len(request.stream.read(n)))
+
+    server = serve(app)
+    body = os.urandom(1 << 20)
+
+    def upload(n: int) -> bytes:
+        client = RawClient(server.port)
+        try:
+            client.send_head("POST", f"/part/{n}", {"Content-Length": str(len(body)), "Connection": "close"})
+            for start in range(0, len(body), 65536):
+                client.send(body[start : start + 65536])
+                gevent.sleep(0.001)
+            return client.read_response(WAIT).body
+        except OSError:
+            return b"gone"
+        finally:
+            client.close()
+
+    sizes = [1000, 70_000, 300_000, 900_000] * 3
+    jobs = [gevent.spawn(upload, n) for n in sizes]
+    gevent.joinall(jobs, timeout=WAIT * 2)
+    assert [job.value for job in jobs] == [str(n).encode() for n in sizes]
+    wait_for(lambda: len(notes.teardowns) == len(sizes), WAIT, "every teardown")
+    settle()
+    err = capfd.readouterr().err
+    assert "_QuietStop" not in err and "Traceback" not in err, err[-2000:]
+
+
 def test_bytes_after_a_malformed_chunk_are_never_run_as_a_request(serve):
     # Without geventctx pywsgi runs the buffered rest as the next request;
     # the shared body closes the connection and drops what was buffered.
