@@ -174,11 +174,9 @@ def _socket_of(environ: dict[str, t.Any], raw: t.Any) -> t.Any:
 
 
 def close_connection(environ: dict[str, t.Any], raw: t.Any) -> bool:
-    """Shut the request's connection down, after its response was written.
-
-    The client has its response (servers write it before they call the
-    response's ``close()``, where this runs); the server then finds the
-    input at its end and closes the connection instead of reading on.
+    """Stop the server reading the request's connection, and drop what it
+    buffered: it finds its input at an end and closes the connection
+    instead of reading the rest of a broken body (or as the next request).
     Returns ``False`` on a server it does not know.
     """
     sock = _socket_of(environ, raw)
@@ -189,7 +187,10 @@ def close_connection(environ: dict[str, t.Any], raw: t.Any) -> bool:
         # set ("the user of this object is going to close the socket").
         raw._chunked_input_error = True
     try:
-        sock.shutdown(_stdlib_socket.SHUT_RDWR)
+        # The reading side only: the server still writes its response (an
+        # error page when the app let the error through), then finds the end
+        # of its input and closes the connection.
+        sock.shutdown(_stdlib_socket.SHUT_RD)
     except OSError:
         pass  # already gone
     # Bytes the server already buffered must not be parsed as a request.

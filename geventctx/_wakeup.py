@@ -31,9 +31,11 @@ class Changes:
 
     __slots__ = ("_thread", "_hub", "_event", "_native")
 
-    def __init__(self) -> None:
-        self._thread = _get_ident()
-        self._hub = get_hub()
+    def __init__(self, owner: tuple[t.Any, int] | None = None) -> None:
+        # owner: (hub, thread id) of the request, if made in another thread.
+        hub, thread = owner if owner is not None else (get_hub(), _get_ident())
+        self._hub: t.Any = hub
+        self._thread: int = thread
         self._event: Event | None = None
         self._native: list[t.Any] = []
 

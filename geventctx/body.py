@@ -168,6 +168,8 @@ class SharedBody(_Reader):
     :param directory: where spool files are made (the system's default).
     :param environ: the request's environ, to close the connection when the
         input was left out of step.
+    :param owner: ``(hub, thread id)`` of the request, when the body is made
+        in another thread (its socket belongs to the request's hub).
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class SharedBody(_Reader):
         timeout: float | None = DEFAULT_TIMEOUT,
         directory: str | None = None,
         environ: dict[str, t.Any] | None = None,
+        owner: tuple[t.Any, int] | None = None,
     ) -> None:
         super().__init__()
         self.raw = raw
@@ -187,7 +190,7 @@ class SharedBody(_Reader):
         self.timeout = timeout
         self._environ = environ if environ is not None else {}
         self._spool = Spool(memory_limit, directory)
-        self._changes = Changes()
+        self._changes = Changes(owner)
         #: Largest body allowed, asked at the first read (MAX_CONTENT_LENGTH).
         self._limits: list[t.Callable[[], int | None]] = []
         self._max: int | None = None
@@ -273,6 +276,12 @@ class SharedBody(_Reader):
             wanted = min(wanted, self._max + 1 - size)  # one past: too large
         return wanted
 
+    def settle_limits(self) -> None:
+        """Ask the limits now (in the request's context), if no read has;
+        for a capture after the response, when the context is gone."""
+        if not self._opened:
+            self._open()
+
     def _open(self) -> None:
         # At the first read, in the first reader's greenlet: a limit such as
         # Flask's request.max_content_length needs the request's context.
@@ -304,6 +313,8 @@ class SharedBody(_Reader):
                 if spool.closed:
                     break
                 if data:
+                    if self._max is not None and spool.size + len(data) > self._max:
+                        data = data[: self._max + 1 - spool.size]  # keep one byte past it, no more
                     spool.append(data)
                     if self._max is not None and spool.size > self._max:
                         # Not out of step: the server can discard the rest.
@@ -409,8 +420,10 @@ class SharedBody(_Reader):
             data = spool.read(position, size)
         except ValueError:
             raise self._gone() from None
-        if not data and spool.error is not None:
-            raise spool.error  # the rest of the body is this error
+        if len(data) < size and spool.error is not None:
+            # Short only because the body failed: the error, never a
+            # silently short read (read(content_length) is a common idiom).
+            raise spool.error
         return data
 
     def _read_rest(self, position: int) -> bytes:
@@ -448,8 +461,8 @@ class SharedBody(_Reader):
             data = spool.read(position, end - position)
         except ValueError:
             raise self._gone() from None
-        if not data and spool.error is not None:
-            raise spool.error
+        if spool.error is not None and not data.endswith(b"\n") and position + len(data) < limit:
+            raise spool.error  # a line cut short by the failure: the error
         return data
 
     def read_whole(self) -> bytes:
@@ -503,8 +516,15 @@ class SharedBody(_Reader):
         try:
             if killed:
                 self._abort()
+                if not self._spool.done:
+                    # Nobody may read it later from a drained input.
+                    self.broken = True
+                    self._spool.fail(BodyReadError("the request was stopped before its body was read"))
+                    self._changes.notify()
                 return
             if children and not self._spool.done:
+                if not self._opened:
+                    self._open()  # the capture obeys the body's limits too
                 self._capturing = True
                 self._start_pump()
                 self._changes.wait(lambda: self._pump is None)
@@ -673,6 +693,7 @@ def share_wsgi_input(
     timeout: float | None = DEFAULT_TIMEOUT,
     directory: str | None = None,
     scope: t.Any = None,
+    owner: tuple[t.Any, int] | None = None,
 ) -> SharedBody:
     """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
 
@@ -697,7 +718,7 @@ def share_wsgi_input(
         # Werkzeug, there is no body to read safely.
         raw = None
     body = SharedBody(
-        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ
+        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ, owner=owner
     )
     if max_length is not None:
         body.add_limit(max_length)
@@ -723,9 +744,10 @@ def end_of_response(environ: dict[str, t.Any], scope: t.Any, killed: bool = Fals
     """
     if not killed:
         # Called from a server's finally while a kill (GreenletExit, a
-        # gevent.Timeout) propagates: then it is a kill too.
+        # gevent.Timeout) propagates: then it is a kill too. (Not a
+        # generator's GeneratorExit: a middleware closing its iteration.)
         in_flight = sys.exc_info()[1]
-        killed = in_flight is not None and not isinstance(in_flight, Exception)
+        killed = in_flight is not None and not isinstance(in_flight, (Exception, GeneratorExit))
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
         if body.owner is scope:

@@ -8,6 +8,8 @@ Every warning geventctx emits is a :class:`GeventctxWarning`, so one filter
 
 from __future__ import annotations
 
+import errno
+
 from werkzeug.exceptions import RequestTimeout
 
 
@@ -64,6 +66,9 @@ class BodyTimeout(BodyReadError, RequestTimeout):
 
     def __init__(self, description: str | None = None) -> None:
         RequestTimeout.__init__(self, description)
+        # As an OSError: servers that catch socket errors read args[0]
+        # as the errno (gevent.pywsgi does).
+        self.args = (errno.ETIMEDOUT, self.description)
 
     def __str__(self) -> str:
         return RequestTimeout.__str__(self)

@@ -72,6 +72,8 @@ from flask import Flask
 from flask.globals import _cv_app, _cv_request
 from flask.sessions import SessionInterface
 from flask.signals import request_finished, request_started
+from gevent import get_hub
+from gevent.monkey import get_original
 from werkzeug.datastructures import CallbackDict
 
 from . import errorlog, stragglers
@@ -92,6 +94,8 @@ from .request import ENVIRON_BODY_PLAN, SharedBodyRequest, shared_body_request_c
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["GeventContext", "DEFAULTS"]
+
+_get_ident = get_original("_thread", "get_ident")
 
 #: Every configuration key and its default.
 DEFAULTS: dict[str, t.Any] = {
@@ -301,6 +305,8 @@ class GeventContext:
                 share_wsgi_input(environ, lambda: request.max_content_length)
             else:
                 environ[ENVIRON_BODY_PLAN] = app.extensions[_PLAN_KEY]
+                # The body may be made in a thread later; its socket is this hub's.
+                environ[_ENVIRON_OWNER] = (get_hub(), _get_ident())
             eager = mode == "buffer"
             limit = config["GEVENTCTX_BODY_BUFFER_LIMIT"]
 
@@ -362,6 +368,11 @@ class GeventContext:
             exc = sys.exc_info()[1]
         Scope.exit(ctx._geventctx_token)
         scope.extras["after_request"].sealed = True
+        body = ctx.request.environ.get(ENVIRON_BODY)
+        if isinstance(body, SharedBody):
+            # request.max_content_length needs the request's context, which
+            # a capture after the response no longer has.
+            body.settle_limits()
         config = ctx.app.config
         stragglers.outliving_response(
             scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
@@ -402,7 +413,7 @@ def _end_of_request(
         return
     if close is not None:
         scope.defer(close)
-    end_of_response(environ, scope, killed=error is not None and not isinstance(error, Exception))
+    end_of_response(environ, scope, killed=error is not None and not isinstance(error, (Exception, GeneratorExit)))
 
 
 class _BodyPlan:
@@ -423,10 +434,12 @@ class _BodyPlan:
             timeout=config["GEVENTCTX_BODY_TIMEOUT"],
             directory=config["GEVENTCTX_BODY_SPOOL_DIR"],
             scope=environ.get(_ENVIRON_FLASK_SCOPE),
+            owner=environ.get(_ENVIRON_OWNER),
         )
 
 
 _PLAN_KEY = "geventctx.body_plan"
+_ENVIRON_OWNER = "geventctx.body_owner"
 
 
 def _check_config(config: t.Mapping[str, t.Any]) -> None:

@@ -133,7 +133,8 @@ class ContextMiddleware:
         try:
             result = self.app(environ, tracking_start_response)
         except BaseException as exc:
-            _RequestEnd(self, scope, token, None, environ).close(killed=not isinstance(exc, Exception))
+            killed = not isinstance(exc, (Exception, GeneratorExit))
+            _RequestEnd(self, scope, token, None, environ).close(killed=killed)
             raise
         return _RequestEnd(self, scope, token, result, environ)
 

@@ -31,6 +31,7 @@ from flask import Flask, request
 from gevent.event import Event
 from httpkit import RawClient, multipart, pieces, settle, wait_for
 from processkit import executable, open_files_in
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request as WerkzeugRequest
 
 import geventctx
@@ -798,6 +799,127 @@ def test_views_that_read_part_of_a_steady_upload_leave_no_error_in_the_hub(serve
     settle()
     err = capfd.readouterr().err
     assert "_QuietStop" not in err and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("child_reads", [True, False], ids=["child-reads-later", "child-never-reads"])
+def test_capture_after_the_response_obeys_max_content_length(serve, child_reads):
+    app, notes = flask_app(MAX_CONTENT_LENGTH=100_000)
+
+    @app.post("/later")
+    def later() -> str:
+        notes.body = request.shared_body()
+
+        def child() -> None:
+            gevent.sleep(0.2)
+            if child_reads:
+                notes.results["child"] = digest_or_error()
+
+        geventctx.spawn(child)
+        return "sent"
+
+    server = serve(app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/later", {"Transfer-Encoding": "chunked", "Connection": "close"})
+        assert client.read_response(WAIT).body == b"sent"
+        for _ in range(40):  # 320 KB, more than the limit
+            client.send(b"2000\r\n" + b"z" * 0x2000 + b"\r\n")
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+    except OSError:
+        pass  # the server may stop reading us: that is the point
+    finally:
+        client.close()
+    assert notes.body.received <= 100_001  # never more than one byte past the limit
+    if child_reads:
+        assert isinstance(notes.results["child"], RequestEntityTooLarge)
+
+
+def test_read_of_the_whole_length_is_never_silently_short(serve):
+    # request.stream.read(request.content_length): the client sends 300 of
+    # 1000 bytes and leaves. An error, as pywsgi alone gives, not 300 bytes.
+    app, notes = flask_app()
+
+    @app.post("/exact")
+    def exact() -> str:
+        try:
+            notes.results["read"] = len(request.stream.read(request.content_length))
+        except Exception as exc:
+            notes.results["read"] = exc
+        return "ok"
+
+    server = serve(app)
+    client = stall(server, "/exact", announced=1000, sent=300)
+    gevent.sleep(0.1)
+    client.close()
+    wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+    assert isinstance(notes.results["read"], ClientDisconnected), notes.results
+
+
+def test_child_of_a_request_killed_before_it_read_the_body_gets_an_error_not_a_short_body(serve, gates):
+    from flask import stream_with_context
+
+    release = gates()
+    app, notes = flask_app()
+
+    @app.post("/stream")
+    def stream() -> t.Any:
+        def child() -> None:
+            release.wait(WAIT)
+            notes.results["child"] = digest_or_error()
+
+        geventctx.spawn(child)
+
+        def generate() -> t.Iterator[bytes]:
+            yield b"start "
+            Event().wait(WAIT)  # the server kills the handler here
+
+        return app.response_class(stream_with_context(generate()))
+
+    server = pooled_server(serve, app)
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/stream", {"Transfer-Encoding": "chunked"})
+        client.send(b"5\r\nabcde\r\n0\r\n\r\n")
+        client.read_until(b"start ", WAIT)
+        server.stop(timeout=0.2)
+        release.set()
+        wait_for(lambda: "child" in notes.results, WAIT, "the child's read")
+    finally:
+        client.close()
+    assert isinstance(notes.results["child"], BodyReadError), notes.results
+
+
+def test_body_timeout_escaping_a_plain_wsgi_app_gets_an_error_response(serve):
+    def app(environ: dict[str, t.Any], start_response: t.Any) -> list[bytes]:
+        data = environ["wsgi.input"].read()  # the client stalls: BodyTimeout escapes
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return [data]
+
+    server = serve(ContextMiddleware(app, body_timeout=0.3), log=None)
+    client = stall(server, "/")
+    try:
+        response = client.read_response(WAIT)
+        assert response.status == 500  # gevent.pywsgi's own page for an app error
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+
+
+def test_first_read_in_a_thread_not_handed_the_request_reads_through_the_request_hub(serve):
+    # gevent's own hub threadpool (not geventctx.ThreadPool): the thread gets
+    # the request object by hand and is the first to read its body.
+    app, notes = flask_app()
+
+    @app.post("/foreign")
+    def foreign() -> str:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        notes.results["thread"] = gevent.get_hub().threadpool.apply(lambda: sha(req.get_data()))
+        return "ok"
+
+    body = os.urandom(5000)
+    response = serve(app).request("POST", "/foreign", body=body, piece=1000, delay=0.01)
+    assert response.status == 200
+    assert notes.results["thread"] == sha(body)
 
 
 def test_bytes_after_a_malformed_chunk_are_never_run_as_a_request(serve):
