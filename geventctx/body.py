@@ -734,20 +734,21 @@ def share_wsgi_input(
 BODY_GONE = "geventctx.body-gone"
 
 
-def end_of_response(environ: dict[str, t.Any], scope: t.Any, killed: bool = False) -> None:
+def end_of_response(environ: dict[str, t.Any], scope: t.Any) -> None:
     """The response of ``scope``'s request was written, or its app call raised.
 
     The owner's body is released as the last of its deferred teardown
     steps (so teardown functions can still read it); then, with children
     still holding ``scope``, the rest of the body is captured for them (see
     :meth:`SharedBody.end_response`).
+
+    The rule for a kill: adapters call this from an ``except`` or a server's
+    ``finally``, so an exception in flight that is neither an ``Exception``
+    nor a generator's ``GeneratorExit`` (a middleware closing its iteration)
+    is a kill — ``GreenletExit``, a ``gevent.Timeout``.
     """
-    if not killed:
-        # Called from a server's finally while a kill (GreenletExit, a
-        # gevent.Timeout) propagates: then it is a kill too. (Not a
-        # generator's GeneratorExit: a middleware closing its iteration.)
-        in_flight = sys.exc_info()[1]
-        killed = in_flight is not None and not isinstance(in_flight, (Exception, GeneratorExit))
+    in_flight = sys.exc_info()[1]
+    killed = in_flight is not None and not isinstance(in_flight, (Exception, GeneratorExit))
     body = environ.get(ENVIRON_BODY)
     if isinstance(body, SharedBody):
         if body.owner is scope:

@@ -398,9 +398,7 @@ class GeventContext:
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
 
 
-def _end_of_request(
-    environ: dict[str, t.Any], close: t.Callable[[], t.Any] | None, error: BaseException | None
-) -> None:
+def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | None) -> None:
     # The response was written and is being closed (or the app call raised).
     # Its close() (Werkzeug's call_on_close hooks) comes after
     # teardown_request, request.close() and teardown_appcontext, which were
@@ -413,7 +411,7 @@ def _end_of_request(
         return
     if close is not None:
         scope.defer(close)
-    end_of_response(environ, scope, killed=error is not None and not isinstance(error, (Exception, GeneratorExit)))
+    end_of_response(environ, scope)
 
 
 class _BodyPlan:

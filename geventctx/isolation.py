@@ -26,9 +26,10 @@ __all__ = ["IsolatedApp", "own_environ"]
 
 StartResponse = t.Callable[..., t.Any]
 WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
-#: ``hook(environ, close, error)``: the end of a request, given the response's
-#: bound ``close`` (or ``None``) and, if the app call raised, its exception.
-EndHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any] | None, BaseException | None], None]
+#: ``hook(environ, close)``: the end of a request, given the response's bound
+#: ``close``, or ``None`` when the app call raised (the hook runs in the
+#: ``except``, with the exception in flight).
+EndHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any] | None], None]
 
 
 def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -56,9 +57,9 @@ class IsolatedApp:
         environ = own_environ(environ)
         try:
             result = ctx.run(self.app, environ, start_response)
-        except BaseException as exc:
+        except BaseException:
             if self.end is not None:
-                ctx.run(self.end, environ, None, exc)
+                ctx.run(self.end, environ, None)
             raise
         return IsolatedIterable(ctx, result, environ, self.end)
 
@@ -93,6 +94,6 @@ class IsolatedIterable:
     def close(self) -> None:
         close = getattr(self._result, "close", None)
         if self._hook is not None:
-            self._ctx.run(self._hook, self._environ, close, None)
+            self._ctx.run(self._hook, self._environ, close)
         elif close is not None:
             self._ctx.run(close)

@@ -132,9 +132,8 @@ class ContextMiddleware:
         token = scope.enter()
         try:
             result = self.app(environ, tracking_start_response)
-        except BaseException as exc:
-            killed = not isinstance(exc, (Exception, GeneratorExit))
-            _RequestEnd(self, scope, token, None, environ).close(killed=killed)
+        except BaseException:
+            _RequestEnd(self, scope, token, None, environ).close()
             raise
         return _RequestEnd(self, scope, token, result, environ)
 
@@ -160,7 +159,7 @@ class _RequestEnd:
         assert self._result is not None
         return iter(self._result)
 
-    def close(self, killed: bool = False) -> None:
+    def close(self) -> None:
         token, self._token = self._token, None
         if token is None:
             return  # WSGI servers call close() once; be safe anyway
@@ -173,4 +172,4 @@ class _RequestEnd:
             scope.defer(close)
         # The response was written: capture the body children may still
         # read, then leave the server's input in step (or close it).
-        end_of_response(self._environ, scope, killed=killed)
+        end_of_response(self._environ, scope)
