@@ -119,3 +119,21 @@ def test_failing_close_callback_is_logged_and_others_still_run(scope, caplog):
     scope.finish()
     assert seen == ["second"]
     assert "close callback" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_each_close_step_runs_once_even_after_one_raised_a_base_exception():
+    # G4: a deferred step interrupted by a gevent.Timeout (not an Exception)
+    # must not cost the steps after it (the body's release comes last).
+    scope = Scope("GET /steps")
+    ran = []
+
+    def interrupted() -> None:
+        ran.append("first")
+        raise gevent.Timeout()
+
+    scope.defer(interrupted)
+    scope.defer(ran.append, "second")
+    with pytest.raises(gevent.Timeout):
+        scope.finish()
+    assert ran == ["first", "second"]
+    assert scope.done
