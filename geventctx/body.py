@@ -63,6 +63,7 @@ from greenlet import GreenletExit, getcurrent
 from . import _servers
 from ._wakeup import Changes
 from .errors import BodyReadError, BodyTimeout
+from .isolation import after_close
 from .spool import DEFAULT_MEMORY_LIMIT, Spool
 
 __all__ = [
@@ -753,7 +754,9 @@ def end_of_response(environ: dict[str, t.Any], scope: t.Any) -> None:
     if isinstance(body, SharedBody):
         if body.owner is scope:
             scope.defer(body.release)
-        body.end_response(children=not scope.closed, killed=killed)
+        children = scope.holders > 0
+        if killed or not after_close(environ, lambda: body.end_response(children=children)):
+            body.end_response(children=children, killed=killed)
     elif body is None and has_body(environ) and _servers.reads_a_socket(environ, environ.get("wsgi.input")):
         # The server discards the unread body now: a later first read would
         # race it for the socket. (A test client's input is in memory, and

@@ -136,6 +136,60 @@ def _app_ctx_pushed_by(ctx: t.Any) -> t.Any:
     return tokens[-1][1] if tokens else None
 
 
+def _in_contexts(app_ctx: t.Any, req_ctx: t.Any, function: t.Callable[..., t.Any], *args: t.Any) -> None:
+    """``function(*args)`` with the request's contexts current, as Flask runs
+    teardown: a deferred step runs after Flask popped them. The variables are
+    set and reset in the running Context (the request's own)."""
+    if _cv_request.get(None) is req_ctx:
+        function(*args)
+        return
+    app_token = _cv_app.set(app_ctx) if app_ctx is not None else None
+    req_token = _cv_request.set(req_ctx)
+    try:
+        function(*args)
+    finally:
+        _cv_request.reset(req_token)
+        if app_token is not None:
+            _cv_app.reset(app_token)
+
+
+def _stream_generator_code() -> t.Any:
+    from flask import helpers
+
+    for const in helpers.stream_with_context.__code__.co_consts:
+        if getattr(const, "co_name", None) == "generator":
+            return const
+    return None
+
+
+#: The code of the generator ``stream_with_context`` wraps a stream in.
+_STREAM_CODE = _stream_generator_code()
+
+
+def _stream_of(response: t.Any) -> t.Any:
+    """The ``stream_with_context`` generator of ``response``, or ``None``."""
+    stream = getattr(response, "response", None)
+    if _STREAM_CODE is not None and getattr(stream, "gi_code", None) is _STREAM_CODE:
+        return stream
+    return None
+
+
+def _stream_pending(response: t.Any) -> bool:
+    """True if ``response`` streams with context and its generator has not
+    run yet: Flask 3.1.2-3.1.3 push the contexts again only when the stream
+    starts, after the view's pop (earlier and later versions push them in
+    the view, so the view's pop is not their last)."""
+    stream = _stream_of(response)
+    return stream is not None and stream.gi_frame is not None and not stream.gi_running
+
+
+def _stream_popping(response: t.Any) -> bool:
+    """True while ``response``'s ``stream_with_context`` generator runs: a
+    teardown call now comes from its own pop of the contexts."""
+    stream = _stream_of(response)
+    return stream is not None and stream.gi_running
+
+
 # -- warnings at the user's line -------------------------------------------------
 
 
@@ -290,10 +344,13 @@ class GeventContext:
             scope.hold_parent(outer)  # the WSGI middleware's request
         ctx._geventctx_scope = scope
         environ[_ENVIRON_FLASK_SCOPE] = scope
-        ctx._geventctx_token = scope.enter()
+        scope.extras["token"] = scope.enter()
         app_ctx = _app_ctx_pushed_by(ctx)
         if app_ctx is not None:
             app_ctx._geventctx_scope = scope
+        # A deferred teardown step runs with these current again.
+        scope.extras["contexts"] = (_app_ctx(), ctx)
+        scope.extras["config"] = config
 
         mode = config["GEVENTCTX_BODY"]
         if mode != "off" and has_body(environ):
@@ -341,7 +398,8 @@ class GeventContext:
                 # once, when the scope closes.
                 if not deferred:
                     deferred.append(True)
-                    scope.defer(close)
+                    contexts = scope.extras["contexts"]
+                    scope.defer(_in_contexts, contexts[0], contexts[1], close)
 
             request.close = deferred_close
 
@@ -350,38 +408,53 @@ class GeventContext:
         else:
             scope.extras[errorlog.OPT_OUT] = True
 
-    def _request_finished(self, app: Flask, **_: t.Any) -> None:
+    def _request_finished(self, app: Flask, response: t.Any = None, **_: t.Any) -> None:
         scope = getattr(_request_ctx(), "_geventctx_scope", None)
         if scope is not None:
             scope.response_started = True
             scope.extras["after_request"].sealed = True
+            scope.extras["response"] = response
 
     # -- teardown, deferred until the last child ends -------------------------------
+    #
+    # The rule: Flask's teardown calls for a managed request become steps of
+    # its scope, deferred once each (teardown_request, request.close(),
+    # teardown_appcontext; then the response's close()), run in Flask's
+    # order when the request and its children are done. The request itself
+    # ends at Flask's last pop of its contexts — for a stream_with_context
+    # response at the stream's end — or at the latest when the response is
+    # closed. A call that comes from the stream's own pop is not run again
+    # (Flask 3.1.2-3.1.3 would run teardown twice); a call after the
+    # request's teardown ran (the test client popping the contexts it
+    # preserved, at the end of ``with client:``) runs, as without geventctx.
 
     def _teardown_request(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
         ctx = _request_ctx()
         scope: Scope | None = getattr(ctx, "_geventctx_scope", None)
-        if scope is None or scope.owner_done:
+        if scope is None:
             original(exc)
             return
         if exc is _sentinel:
             exc = sys.exc_info()[1]
-        Scope.exit(ctx._geventctx_token)
-        scope.extras["after_request"].sealed = True
-        body = ctx.request.environ.get(ENVIRON_BODY)
-        if isinstance(body, SharedBody):
-            # request.max_content_length needs the request's context, which
-            # a capture after the response no longer has.
-            body.settle_limits()
-        config = ctx.app.config
-        stragglers.outliving_response(
-            scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
-        )
-        # With no child, the scope is done at once and teardown runs now, as
-        # Flask would run it; else when the last child ends, in a snapshot
-        # that keeps request and g visible to teardown functions.
-        scope.finish()
-        scope.defer(original, exc)
+        state = scope.extras
+        response = state.get("response")
+        if "teardown_request" not in state:
+            state["teardown_request"] = True
+            state["after_request"].sealed = True
+            body = ctx.request.environ.get(ENVIRON_BODY)
+            if isinstance(body, SharedBody):
+                # request.max_content_length needs the request's context,
+                # which a capture after the response no longer has.
+                body.settle_limits()
+            app_ctx, req_ctx = state["contexts"]
+            scope.defer(_in_contexts, app_ctx, req_ctx, original, exc)
+            if _stream_pending(response):
+                return  # the stream continues the request: it ends there
+        elif scope.owner_done and not _stream_popping(response):
+            original(exc)  # Flask's own repeat, after the request's teardown ran
+            return
+        if not scope.owner_done:
+            _end_owner(scope, ctx.app.config)
 
     def _teardown_appctx(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
         app_ctx = _app_ctx()
@@ -389,10 +462,28 @@ class GeventContext:
         if scope is None:
             original(exc)
             return
-        app_ctx._geventctx_scope = None
         if exc is _sentinel:
             exc = sys.exc_info()[1]
-        scope.defer(original, exc)
+        state = scope.extras
+        if "teardown_appcontext" not in state:
+            state["teardown_appcontext"] = True
+            contexts = state["contexts"]
+            scope.defer(_in_contexts, contexts[0], contexts[1], original, exc)
+        elif not _stream_popping(state.get("response")) and scope.done:
+            original(exc)  # Flask's own repeat, after the request's teardown ran
+
+
+def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
+    """The request itself is done (in its own Context): watch the children
+    that outlive it, release its hold (with no child, the teardown steps run
+    now) and leave the scope."""
+    stragglers.outliving_response(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
+    token = scope.extras.pop("token", None)
+    try:
+        scope.finish()
+    finally:
+        if token is not None:
+            Scope.exit(token)
 
 
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
@@ -409,6 +500,10 @@ def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | No
         if close is not None:
             close()
         return
+    if not scope.owner_done:
+        # A stream_with_context response closed before it ran: the request
+        # ends with its response.
+        _end_owner(scope, scope.extras["config"])
     if close is not None:
         scope.defer(close)
     end_of_response(environ, scope)

@@ -1,28 +1,54 @@
-"""Run each WSGI request in a context of its own.
+"""One request, one Context: where every piece of a request runs.
 
-A WSGI server handles a keep-alive connection's requests in one greenlet,
-one after the other, and that greenlet keeps one ``contextvars`` context. A
-context variable one request sets and does not reset (a request id, a user,
-a tracing span) is still set when the next request on the connection runs,
-and the next request's children inherit it: context bleeds between
-requests. Running the app call, the response's iteration and its
-``close()`` in a fresh ``copy_context()`` per request keeps every request's
-writes its own.
+The rule: a request runs in one :class:`contextvars.Context` object — its
+:class:`RequestContext` — from the app call to the last teardown step. The
+app call, the response's iteration, its ``close()`` and every teardown step
+deferred until the request's children ended run in that same object, so a
+token is always reset in the Context that made it (OpenTelemetry's
+``detach``, Flask's own context stack). A child gets a *copy* of it at
+hand-off; no piece of the request runs in a copy.
+
+Which Context: a fresh ``copy_context()`` of the caller's, per request. A
+WSGI server handles a keep-alive connection's requests in one greenlet, one
+after the other, in that greenlet's one Context; a context variable one
+request set and did not reset (a request id, a user, a tracing span) would
+still be set when the next request on the connection runs, and the next
+request's children would inherit it. A Context per request keeps every
+request's writes its own. One exception: when the caller will run pieces of
+the request itself — Flask's test client inside ``with client:`` pushes the
+request's preserved contexts in its own Context (it asks for that with
+``werkzeug.debug.preserve_context``) — the request runs in the caller's
+Context, as it does without geventctx.
+
+Where the Context is busy: a Context can be entered by one greenlet at a
+time. A teardown step that becomes due while the request's own greenlet is
+inside its Context (iterating a streamed response, or in its ``close()``)
+is queued and runs in that greenlet as soon as it leaves the Context — at
+the end of the chunk or of the ``close()`` — never in a copy.
 
 uWSGI by default also reuses one environ dict per core for the next request
 (``wsgi-env-behavior = cheat``), so a child reading ``request.headers``
 after the response could read the next request's headers; under uWSGI the
 app gets a private copy of the environ.
 
+.. versionchanged:: 0.2
+    Deferred teardown runs in the request's own Context, not in a snapshot;
+    under a test client that preserves the context, the caller's Context.
+
 .. versionadded:: 0.1
 """
 
 from __future__ import annotations
 
+import logging
 import typing as t
-from contextvars import Context, copy_context
+from contextvars import Context, ContextVar, copy_context
 
-__all__ = ["IsolatedApp", "own_environ"]
+from greenlet import getcurrent
+
+__all__ = ["IsolatedApp", "RequestContext", "own_environ", "after_close", "ENVIRON_CONTEXT"]
+
+log = logging.getLogger("geventctx")
 
 StartResponse = t.Callable[..., t.Any]
 WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
@@ -30,6 +56,20 @@ WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
 #: ``close``, or ``None`` when the app call raised (the hook runs in the
 #: ``except``, with the exception in flight).
 EndHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any] | None], None]
+
+#: Where the request's :class:`RequestContext` is kept in its WSGI environ.
+ENVIRON_CONTEXT = "geventctx.context"
+
+#: Set in a request's own Context: its RequestContext (a child's copy
+#: inherits it, but is not that Context: see :meth:`RequestContext.current`).
+_HOME: ContextVar[RequestContext | None] = ContextVar("geventctx.request_context", default=None)
+
+#: Where the part of a request's end that waits is kept until it can run
+#: outside the request's Context (see :func:`after_close`).
+_ENVIRON_AFTER_CLOSE = "geventctx.after_close"
+
+#: The Flask test client's request to keep the contexts for the caller.
+_PRESERVE = "werkzeug.debug.preserve_context"
 
 
 def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -39,12 +79,135 @@ def own_environ(environ: dict[str, t.Any]) -> dict[str, t.Any]:
     return environ
 
 
+def _current_context() -> Context:
+    # The running Context object itself (copy_context() returns a copy).
+    context = getcurrent().gr_context
+    if context is None:
+        copy_context()  # makes the thread's first Context
+        context = getcurrent().gr_context
+    return t.cast(Context, context)
+
+
+def after_close(environ: dict[str, t.Any], function: t.Callable[[], t.Any]) -> bool:
+    """Run ``function()`` right after the response's ``close()``, outside the
+    request's Context; ``False`` (and nothing scheduled) without an
+    :class:`IsolatedApp` closing this request.
+
+    For the part of a request's end that may wait (capturing the body for
+    children): teardown steps that become due meanwhile must be able to
+    enter the request's Context, so nothing may wait inside it.
+    """
+    home = environ.get(ENVIRON_CONTEXT)
+    if not isinstance(home, RequestContext) or not home.busy or _ENVIRON_AFTER_CLOSE in environ:
+        return False
+    environ[_ENVIRON_AFTER_CLOSE] = function
+    return True
+
+
+def _run_after_close(environ: dict[str, t.Any]) -> None:
+    function = environ.pop(_ENVIRON_AFTER_CLOSE, None)
+    if function is not None:
+        function()
+
+
+class RequestContext:
+    """The one Context object a request runs in, and its queue of pieces
+    that became due while the request's greenlet was inside it.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("context", "_inside", "_pending", "__weakref__")
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self._inside = 0
+        self._pending: list[t.Callable[[], t.Any]] = []
+        if getcurrent().gr_context is context:
+            _HOME.set(self)
+        else:
+            context.run(_HOME.set, self)
+
+    @classmethod
+    def fresh(cls) -> RequestContext:
+        """A new Context for a request: a copy of the caller's."""
+        return cls(copy_context())
+
+    @classmethod
+    def current(cls) -> RequestContext:
+        """The RequestContext of the running Context, made if it has none."""
+        context = _current_context()
+        home = context.get(_HOME)
+        if home is not None and home.context is context:
+            return home
+        return cls(context)
+
+    @property
+    def busy(self) -> bool:
+        """True while a greenlet is inside :meth:`enter` (another greenlet
+        cannot enter the Context now)."""
+        return self._inside > 0
+
+    def enter(self, function: t.Callable[..., t.Any], *args: t.Any) -> t.Any:
+        """Run ``function(*args)`` in the Context, as the request's own
+        greenlet does (app call, each chunk, ``close()``); then the pieces
+        that became due meanwhile."""
+        context = self.context
+        if getcurrent().gr_context is context:
+            return function(*args)  # already in it (the caller's Context)
+        self._inside += 1
+        try:
+            return context.run(function, *args)
+        finally:
+            self._inside -= 1
+            if not self._inside and self._pending:
+                self._run_pending()
+
+    def call(self, function: t.Callable[[], t.Any]) -> None:
+        """Run ``function()`` in the Context now, or — if the request's
+        greenlet is inside it — as soon as that greenlet leaves it."""
+        context = self.context
+        if getcurrent().gr_context is context:
+            function()
+        elif self._inside:
+            self._pending.append(function)
+        else:
+            try:
+                context.run(int)  # can it be entered? (no other way to ask)
+            except RuntimeError:
+                # The caller's Context, entered by its own code up its stack
+                # (a test runner's Context.run), in a greenlet that is not
+                # ours: a copy is the only place left to run in.
+                log.debug("the request's Context is entered elsewhere: running %r in a copy", function)
+                context.copy().run(function)
+            else:
+                self.enter(function)
+
+    def _run_pending(self) -> None:
+        # Each runs once; an exception from one does not stop the others.
+        pending = self._pending
+        failure: BaseException | None = None
+        while pending:
+            function = pending.pop(0)
+            try:
+                self.enter(function)
+            except Exception:
+                log.exception("a teardown step of a request failed")
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def __repr__(self) -> str:
+        return f"<RequestContext {'busy' if self._inside else 'idle'} pending={len(self._pending)}>"
+
+
 class IsolatedApp:
-    """Wrap a WSGI app so each request runs in a fresh copy of the context.
+    """Wrap a WSGI app so each request runs in a Context of its own.
 
     :param end: the adapter's end of the request (it defers the response's
         ``close()`` until the request's children have ended, and settles the
-        body), run in the request's context when the response is closed or
+        body), run in the request's Context when the response is closed or
         the app call raised; by default the response is closed at once.
     """
 
@@ -53,28 +216,34 @@ class IsolatedApp:
         self.end = end
 
     def __call__(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
-        ctx = copy_context()
         environ = own_environ(environ)
+        home = environ.get(ENVIRON_CONTEXT)
+        if not isinstance(home, RequestContext):
+            home = RequestContext.current() if _PRESERVE in environ else RequestContext.fresh()
+            environ[ENVIRON_CONTEXT] = home
         try:
-            result = ctx.run(self.app, environ, start_response)
+            result = home.enter(self.app, environ, start_response)
         except BaseException:
-            if self.end is not None:
-                ctx.run(self.end, environ, None)
+            try:
+                if self.end is not None:
+                    home.enter(self.end, environ, None)
+            finally:
+                _run_after_close(environ)
             raise
-        return IsolatedIterable(ctx, result, environ, self.end)
+        return IsolatedIterable(home, result, environ, self.end)
 
 
 class IsolatedIterable:
-    """A response iterable iterated and closed in its request's context."""
+    """A response iterable iterated and closed in its request's Context."""
 
     def __init__(
         self,
-        ctx: Context,
+        home: RequestContext,
         result: t.Iterable[bytes] | None,
         environ: dict[str, t.Any],
         hook: EndHook | None = None,
     ) -> None:
-        self._ctx = ctx
+        self._home = home
         self._result = result
         self._environ = environ
         self._hook = hook
@@ -82,18 +251,21 @@ class IsolatedIterable:
     def __iter__(self) -> t.Iterator[bytes]:
         if self._result is None:
             return
-        run = self._ctx.run
-        iterator = run(iter, self._result)
+        enter = self._home.enter
+        iterator = enter(iter, self._result)
         while True:
             try:
-                chunk = run(next, iterator)
+                chunk = enter(next, iterator)
             except StopIteration:
                 return
             yield chunk
 
     def close(self) -> None:
         close = getattr(self._result, "close", None)
-        if self._hook is not None:
-            self._ctx.run(self._hook, self._environ, close)
-        elif close is not None:
-            self._ctx.run(close)
+        try:
+            if self._hook is not None:
+                self._home.enter(self._hook, self._environ, close)
+            elif close is not None:
+                self._home.enter(close)
+        finally:
+            _run_after_close(self._environ)

@@ -6,8 +6,11 @@ WSGI middleware) creates one per request and *enters* it, which makes it the
 snapshot, of every greenlet that request hands its context to. The request
 itself is the first holder; every explicit hand-off acquires the scope when
 it starts and releases it when it ends, however it ends. When the last holder
-leaves, the scope closes and runs its close callbacks exactly once: that is
-where adapters put teardown.
+leaves, the scope closes and runs its close callbacks (the *steps*) exactly
+once, in order, in the request's own Context: that is where adapters put
+teardown. A step runs holding the scope and with the scope current, so a
+hand-off made by a teardown function holds the request too: the next step
+waits for it.
 
 A scope belongs to the thread (and so the gevent hub) that created it; acquire
 and release it from greenlets of that hub only.
@@ -21,12 +24,14 @@ import logging
 import time
 import typing as t
 import weakref
-from contextvars import Context, ContextVar, Token, copy_context
+from contextvars import Context, ContextVar, Token
 
 import gevent
 from gevent.event import Event
 from gevent.hub import Hub
 from greenlet import getcurrent
+
+from .isolation import RequestContext
 
 __all__ = ["Scope", "current_scope"]
 
@@ -71,11 +76,17 @@ class Scope:
         "extras",
         "parent",
         "on_handoff",
+        "home",
+        "_running",
         "__weakref__",
     )
 
-    def __init__(self, label: str = "") -> None:
+    def __init__(self, label: str = "", home: RequestContext | None = None) -> None:
         self.label = label
+        #: The Context the scope's steps run in: the request's own (by
+        #: default the running one, where an adapter makes the scope).
+        self.home = home if home is not None else RequestContext.current()
+        self._running = False
         #: The request itself holds the scope until :meth:`finish`.
         self._holders = 1
         self._callbacks: list[tuple[t.Callable[..., t.Any], tuple[t.Any, ...]]] = []
@@ -188,17 +199,17 @@ class Scope:
         return True
 
     def defer(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:
-        """Run ``callback(*args)`` in this context, once the scope has closed.
+        """Run ``callback(*args)`` as a step of the scope's end.
 
-        For teardown steps: they run in a snapshot of the context they were
-        deferred from (so Flask's ``request`` and ``g`` stay visible), after
-        every holder left — or right now, in this context and raising what
+        For teardown steps: they run in the request's own Context (see
+        :mod:`geventctx.isolation`), with this scope current, after every
+        holder left — or right now, in the running Context and raising what
         they raise, if the scope is already done.
         """
         if self._done:
             callback(*args)
         else:
-            self._callbacks.append((copy_context().run, (callback, *args)))
+            self._callbacks.append((callback, args))
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the scope closed and its callbacks ran; ``False`` on timeout."""
@@ -209,39 +220,59 @@ class Scope:
         return bool(self._closed_event.wait(timeout))
 
     def _close(self) -> None:
+        # The last holder left: run the steps, in the request's Context.
         self.closed = True
+        if self._running:
+            return  # the step runner holds no more: its loop goes on
         if isinstance(getcurrent(), Hub):
             # The last holder left from a link callback in the hub, where
-            # callbacks must not block: run them in a greenlet of their own,
-            # in an empty context (they carry their own if they need one).
-            runner = gevent.Greenlet(self._run_callbacks)
+            # callbacks must not block: run them in a greenlet of their own
+            # (it enters the request's Context).
+            runner = gevent.Greenlet(self.home.call, self._run_callbacks)
             runner.gr_context = Context()
             runner.start()
         else:
-            self._run_callbacks()
+            self.home.call(self._run_callbacks)
 
     def _run_callbacks(self) -> None:
-        # Each step runs once, even if an earlier one raised anything (a
+        # The rule for steps: each runs once, holding the scope, with the
+        # scope current — so a hand-off a step makes holds the scope too, and
+        # the next step waits for it (the last release resumes the loop).
+        # Every step runs even if an earlier one raised anything (a
         # BaseException such as gevent.Timeout included); the first such
-        # exception is raised again once every step ran.
+        # exception is raised again once the steps ran.
+        if self._running or self._done:
+            return
         callbacks = self._callbacks
         interrupted: BaseException | None = None
+        self._running = True
         try:
             while callbacks:
                 callback, args = callbacks.pop(0)
+                self._holders += 1
+                token = _SCOPE.set(self)
                 try:
                     self._run_one(callback, args)
                 except BaseException as exc:
                     interrupted = interrupted or exc
+                finally:
+                    _SCOPE.reset(token)
+                    self._holders -= 1
+                if self._holders > 0:
+                    return  # a hand-off of that step: the rest waits for it
+            self._finish_steps()
         finally:
-            self._done = True
-            if self._closed_event is not None:
-                self._closed_event.set()
-            parent, self.parent = self.parent, None
-            if parent is not None:
-                parent.release()
-        if interrupted is not None:
-            raise interrupted
+            self._running = False
+            if interrupted is not None:
+                raise interrupted
+
+    def _finish_steps(self) -> None:
+        self._done = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+        parent, self.parent = self.parent, None
+        if parent is not None:
+            parent.release()
 
     def _run_one(self, callback: t.Callable[..., t.Any], args: tuple[t.Any, ...]) -> None:
         try:
