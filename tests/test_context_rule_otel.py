@@ -1,0 +1,160 @@
+"""The Context rule next to OpenTelemetry (real SDK, real Flask instrumentation).
+
+opentelemetry-instrumentation-flask attaches its context in a
+``before_request`` function and detaches the token in a
+``teardown_request`` function. ``ContextVar.reset`` refuses a token made in
+another Context object, so a teardown deferred until the children ended
+must run in the request's own Context: otherwise the instrumentation logs
+"Failed to detach context" at ERROR, twice per request. Every hand-off kind
+below defers teardown (a child still alive when the view returns), over a
+real gevent.pywsgi server, with the instrumentation applied before and
+after GeventContext; child spans must be parented to the request's span.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+
+import flask
+import gevent
+import pytest
+from gevent.event import Event
+from gevent.monkey import get_original
+from httpkit import request as http_request
+from httpkit import wait_for
+
+import geventctx
+from geventctx.flask import GeventContext
+
+otel_sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk is a test dependency")
+from opentelemetry.instrumentation.flask import FlaskInstrumentor  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.trace import SpanKind  # noqa: E402
+
+native_sleep = get_original("time", "sleep")
+
+KINDS = ["spawn", "pool_map", "threadpool", "executor", "after_response", "patched_gevent_spawn"]
+
+
+class Traced:
+    def __init__(self, order: str) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = otel_sdk.TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("geventctx-test")
+        self.app = flask.Flask(f"otel_{order}")
+        self.release = Event()
+        self.teardowns: list[str] = []
+        self.instrumentor = FlaskInstrumentor()
+        self.threadpool = geventctx.ThreadPool(1)
+        self.executor = geventctx.Executor(max_workers=2)
+        if order == "instrument_first":
+            self.instrumentor.instrument_app(self.app, tracer_provider=self.provider)
+            GeventContext(self.app)
+        else:
+            GeventContext(self.app)
+            self.instrumentor.instrument_app(self.app, tracer_provider=self.provider)
+        self.app.teardown_request(lambda exc: self.teardowns.append(flask.request.path))
+        self._views()
+
+    def work(self, label: str = "child") -> str:
+        with self.tracer.start_as_current_span(f"work:{label}"):
+            gevent.sleep(0.01)
+            return flask.request.path
+
+    def work_in_thread(self) -> str:
+        with self.tracer.start_as_current_span("work:thread"):
+            native_sleep(0.05)
+            return flask.request.path
+
+    def outliving(self) -> str:
+        with self.tracer.start_as_current_span("work:outliving"):
+            self.release.wait(5)
+            return flask.request.path
+
+    def _views(self) -> None:
+        app = self.app
+
+        @app.get("/spawn")
+        def spawn_view() -> str:
+            geventctx.spawn(self.outliving)
+            return "ok"
+
+        @app.get("/pool_map")
+        def pool_map_view() -> str:
+            pool = geventctx.Pool(2)
+            results = pool.map(self.work, ["a", "b", "c"])
+            pool.spawn(self.outliving)
+            return ",".join(results)
+
+        @app.get("/threadpool")
+        def threadpool_view() -> str:
+            # The task still runs (in its thread) when the view returns.
+            self.threadpool.spawn(self.work_in_thread)
+            return "ok"
+
+        @app.get("/executor")
+        def executor_view() -> str:
+            # result() returns while the task's greenlet is still alive.
+            return t.cast(str, self.executor.submit(self.work, "task").result())
+
+        @app.get("/after_response")
+        def after_response_view() -> str:
+            geventctx.spawn(self.work, "late")
+            return "ok"
+
+        @app.get("/patched_gevent_spawn")
+        def patched_view() -> str:
+            gevent.spawn(self.outliving)
+            return "ok"
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.threadpool.kill()
+        self.instrumentor.uninstrument_app(self.app)
+        self.provider.shutdown()
+
+
+@pytest.fixture(params=["instrument_first", "geventctx_first"])
+def traced(request: pytest.FixtureRequest) -> t.Iterator[Traced]:
+    traced = Traced(request.param)
+    yield traced
+    traced.release.set()
+    traced.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deferred_teardown_detaches_opentelemetry_context_in_the_request_context(
+    kind: str, traced: Traced, serve: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    if kind == "patched_gevent_spawn":
+        geventctx.patch()
+    try:
+        server = serve(traced.app)
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(2):  # the second on a fresh connection of the same server
+                response = http_request(server.port, "GET", f"/{kind}")
+                assert response is not None and response.status == 200
+                traced.release.set()
+                wait_for(lambda: len(traced.teardowns) >= 1, 5, "the deferred teardown")
+                traced.release.clear()
+            wait_for(lambda: len(traced.teardowns) == 2, 5, "both teardowns")
+    finally:
+        if kind == "patched_gevent_spawn":
+            geventctx.unpatch()
+    failures = [r for r in caplog.records if "detach" in r.getMessage().lower()]
+    assert failures == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    spans = traced.exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert len(servers) == 2
+    server_ids = {s.context.span_id for s in servers}
+    children = [s for s in spans if s.name.startswith("work:")]
+    assert children, [s.name for s in spans]
+    for child in children:
+        assert child.parent is not None and child.parent.span_id in server_ids, child.name
+    # Each request's children belong to that request's trace, not the other's.
+    by_trace = {s.context.trace_id for s in servers}
+    assert {c.context.trace_id for c in children} <= by_trace

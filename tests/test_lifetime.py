@@ -1,0 +1,225 @@
+"""G4 wherever Flask runs code for a request: streams, teardown functions.
+
+Over a real gevent.pywsgi server (and Flask's own test client where the
+promise is about it): a hand-off from a ``stream_with_context`` generator
+or from a ``teardown_request`` function holds the request — the teardown
+steps after it wait for it — and teardown runs once, in Flask's order, in
+the request's own Context. Children that must outlive the response wait on
+an Event the test sets after reading the response: order, never timing.
+"""
+
+from __future__ import annotations
+
+import typing as t
+import warnings
+
+import flask
+import gevent
+import pytest
+from flask import Flask, Response, g, stream_with_context
+from gevent.event import Event
+from httpkit import request as http_request
+from httpkit import settle, wait_for
+
+import geventctx
+from geventctx.flask import GeventContext
+
+
+class Resource:
+    """What ``g`` holds for the request; teardown_appcontext closes it."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+class App:
+    def __init__(self) -> None:
+        self.app = Flask(f"lifetime_{id(self)}")
+        self.app.secret_key = "test"
+        GeventContext(self.app)
+        self.events: list[str] = []
+        self.seen: dict[str, t.Any] = {}
+        self.gate = Event()
+        events = self.events
+
+        @self.app.before_request
+        def open_resource() -> None:
+            g.resource = Resource()
+
+        @self.app.teardown_request
+        def teardown_request(exc: BaseException | None) -> None:
+            events.append("teardown_request")
+
+        @self.app.teardown_appcontext
+        def teardown_appcontext(exc: BaseException | None) -> None:
+            events.append("teardown_appcontext")
+            g.resource.closed = True
+
+    def child(self, name: str) -> None:
+        """Wait for the gate, then use the request's resource."""
+        self.seen[f"{name}:scope"] = geventctx.current_scope() is not None
+        self.gate.wait(5)
+        self.seen[name] = "closed" if g.resource.closed else "open"
+        self.events.append(f"{name}-end")
+
+    def teardowns(self) -> int:
+        return self.events.count("teardown_appcontext")
+
+
+def test_child_spawned_in_a_stream_with_context_generator_holds_the_request(serve: t.Any) -> None:
+    life = App()
+
+    @life.app.get("/stream")
+    def stream() -> Response:
+        @stream_with_context
+        def generate() -> t.Iterator[str]:
+            yield "a"
+            life.seen["stream:scope"] = geventctx.current_scope() is not None
+            geventctx.spawn(life.child, "streamed")
+            yield "b"
+
+        return Response(generate())
+
+    response = http_request(serve(life.app).port, "GET", "/stream")
+    assert response is not None and response.body == b"ab"
+    settle()
+    assert life.seen["stream:scope"] and life.seen["streamed:scope"]
+    assert life.teardowns() == 0  # the child still runs: teardown waits
+    life.gate.set()
+    wait_for(lambda: life.teardowns() == 1, 5, "teardown after the streamed child")
+    settle()
+    assert life.seen["streamed"] == "open"
+    assert life.events == ["streamed-end", "teardown_request", "teardown_appcontext"]
+
+
+def test_stream_with_context_without_children_tears_down_once(serve: t.Any) -> None:
+    life = App()
+
+    @life.app.get("/stream")
+    def stream() -> Response:
+        @stream_with_context
+        def generate() -> t.Iterator[str]:
+            yield flask.request.path
+            yield "!"
+
+        return Response(generate())
+
+    server = serve(life.app)
+    for _ in range(2):
+        response = http_request(server.port, "GET", "/stream")
+        assert response is not None and response.body == b"/stream!"
+    wait_for(lambda: life.teardowns() == 2, 5, "both teardowns")
+    settle()
+    assert life.events == ["teardown_request", "teardown_appcontext"] * 2
+
+
+@pytest.mark.parametrize("view_child", [False, True], ids=["no_view_child", "view_child_outlives"])
+def test_child_spawned_by_a_teardown_function_holds_the_later_teardown_steps(
+    serve: t.Any, view_child: bool
+) -> None:
+    life = App()
+    late: list[warnings.WarningMessage] = []
+
+    @life.app.teardown_request
+    def spawn_cleanup(exc: BaseException | None) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            geventctx.spawn(life.child, "cleanup")
+        late.extend(caught)
+
+    @life.app.get("/work")
+    def work() -> str:
+        if view_child:
+            geventctx.spawn(life.child, "view")
+        return "done"
+
+    response = http_request(serve(life.app).port, "GET", "/work")
+    assert response is not None and response.body == b"done"
+    settle()
+    assert life.teardowns() == 0  # teardown_appcontext waits for the cleanup child
+    life.gate.set()
+    wait_for(lambda: life.teardowns() == 1, 5, "teardown_appcontext after the cleanup child")
+    settle()
+    assert late == []
+    assert life.seen["cleanup:scope"] and life.seen["cleanup"] == "open"
+    assert life.events.index("cleanup-end") < life.events.index("teardown_appcontext")
+    assert life.events.count("teardown_request") == 1
+
+
+def test_gevent_timeout_in_a_teardown_function_still_runs_every_later_step(serve: t.Any) -> None:
+    life = App()
+    closed: list[str] = []
+
+    @life.app.teardown_request
+    def slow_teardown(exc: BaseException | None) -> None:
+        with gevent.Timeout(0.05):  # expires inside the teardown function
+            gevent.sleep(5)
+
+    class ClosingRequest(flask.Request):
+        def close(self) -> None:
+            closed.append("request.close")
+            super().close()
+
+    life.app.request_class = ClosingRequest
+
+    @life.app.get("/work")
+    def work() -> Response:
+        geventctx.spawn(life.child, "view")
+        response = Response("done")
+        response.call_on_close(lambda: closed.append("response.close"))
+        return response
+
+    response = http_request(serve(life.app).port, "GET", "/work")
+    assert response is not None and response.body == b"done"
+    life.gate.set()
+    wait_for(lambda: "response.close" in closed, 5, "the response's close")
+    assert life.teardowns() == 1 and g_closed(life)
+    assert closed == ["request.close", "response.close"]
+
+
+def g_closed(life: App) -> bool:
+    return "teardown_appcontext" in life.events
+
+
+def _streaming_session_app(async_view: bool) -> Flask:
+    app = Flask(f"stream_session_{async_view}")
+    app.secret_key = "test"
+    GeventContext(app)
+
+    def body() -> Response:
+        flask.session["test"] = "flask"
+
+        @stream_with_context
+        def gen() -> t.Iterator[str]:
+            yield flask.session["test"]
+
+        return Response(gen())
+
+    if async_view:
+
+        async def index() -> Response:
+            return body()
+
+        app.add_url_rule("/", view_func=index)
+    else:
+        app.add_url_rule("/", view_func=body, endpoint="index")
+    return app
+
+
+@pytest.mark.parametrize("async_view", [False, True], ids=["sync", "async"])
+def test_streamed_response_under_a_preserving_test_client_leaves_no_context(async_view: bool) -> None:
+    # Flask's own tests/test_helpers.py::TestStreaming::test_async_view, and
+    # its synchronous twin: the test client pushes the preserved contexts in
+    # the test's Context, so the request runs there too.
+    if async_view:
+        pytest.importorskip("asgiref", reason="async views need flask[async]")
+    app = _streaming_session_app(async_view)
+    client = app.test_client()
+    client.get().close()
+    assert client.get().text == "flask"
+    with client:
+        client.get().close()
+    assert not flask.has_request_context() and not flask.has_app_context()
+    with client:
+        assert client.get().text == "flask"
+    assert not flask.has_request_context() and not flask.has_app_context()
