@@ -110,7 +110,9 @@ def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None,
     """
     if isinstance(child, greenlet):
         child.gr_context = context
-    _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+    record = _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+    if scope is not None:
+        scope.children[id(child)] = record
     child.rawlink(_finished)
 
 
@@ -121,6 +123,7 @@ def _finished(child: gevent.Greenlet) -> None:
     if entry is not None:
         scope = entry[2]
         if scope is not None:
+            scope.children.pop(id(child), None)
             scope.release()
 
 
@@ -189,7 +192,9 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     scope = pin_current_scope(site)
     # bind(), inlined too (a greenlet: no isinstance test needed).
     child.gr_context = copy_context()
-    _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
+    record = _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
+    if scope is not None:
+        scope.children[id(child)] = record
     child.rawlink(_finished)
     _base_start(child)
     return child

@@ -78,6 +78,8 @@ class Scope:
         "on_handoff",
         "home",
         "_running",
+        "children",
+        "nested",
         "__weakref__",
     )
 
@@ -87,6 +89,11 @@ class Scope:
         #: default the running one, where an adapter makes the scope).
         self.home = home if home is not None else RequestContext.current()
         self._running = False
+        #: The registry entries of the running hand-offs holding this scope,
+        #: by ``id`` of the child: the scope's own, for O(own) look-ups.
+        self.children: dict[int, t.Any] = {}
+        #: Weak references to scopes nested in this one (:meth:`hold_parent`).
+        self.nested: list[weakref.ref[Scope]] = []
         #: The request itself holds the scope until :meth:`finish`.
         self._holders = 1
         self._callbacks: list[tuple[t.Callable[..., t.Any], tuple[t.Any, ...]]] = []
@@ -196,6 +203,8 @@ class Scope:
         if not parent.acquire():
             return False
         self.parent = parent
+        parent.nested = [ref for ref in parent.nested if ref() is not None]
+        parent.nested.append(weakref.ref(self))
         return True
 
     def defer(self, callback: t.Callable[..., t.Any], *args: t.Any) -> None:

@@ -31,19 +31,17 @@ POLICIES = ("wait", "kill")
 _logged: weakref.WeakSet[object] = weakref.WeakSet()
 
 
-def _within(inner: Scope | None, scope: Scope) -> bool:
-    """True if ``inner`` is ``scope`` or a scope nested in it (holding it)."""
-    while inner is not None:
-        if inner is scope:
-            return True
-        inner = inner.parent
-    return False
-
-
-def _stragglers(scope: Scope) -> list[registry.HandOff]:
-    """The running hand-offs that hold ``scope``, directly or through a
-    nested scope (the children of a Flask request inside the middleware's)."""
-    return [record for record in registry.live() if _within(record.scope, scope)]
+def _entries(scope: Scope) -> list[registry.Entry]:
+    """The registry entries of the running hand-offs that hold ``scope``,
+    directly or through a nested scope (the children of a Flask request
+    inside the middleware's): each scope's own index, O(its children),
+    never the process's registry."""
+    entries = list(scope.children.values())
+    for ref in list(scope.nested):
+        inner = ref()
+        if inner is not None and not inner.done:
+            entries.extend(_entries(inner))
+    return entries
 
 
 def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None:
@@ -58,30 +56,40 @@ def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None
 
 
 def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
-    """Check ``scope`` for stragglers ``timeout`` seconds from now."""
-    if not timeout or timeout <= 0 or scope.closed:
+    """Check ``scope`` for stragglers ``timeout`` seconds from now, and again
+    every ``timeout`` seconds until it is done: children started later (a
+    grandchild, a child spawned by a straggler being killed) are stragglers
+    too. Each check costs O(the scope's children) in the hub."""
+    if not timeout or timeout <= 0 or scope.done:
         return
-    timer = get_hub().loop.timer(timeout)
+    loop = get_hub().loop
+    timer = loop.timer(timeout, timeout)
+    mine: weakref.WeakSet[object] = weakref.WeakSet()  # children this watcher handled
 
     def check() -> None:
-        timer.close()
-        if scope.closed:
+        if scope.done:
+            timer.close()
             return
-        records = _stragglers(scope)
         done_at = scope.owner_done_at
         since = time.monotonic() - done_at if done_at is not None else timeout
         doomed = []
-        for record in records:
-            child = record.greenlet
+        for entry in _entries(scope):
+            child = entry[0]()
             if child is None:
                 continue
             # A ThreadPool task (its AsyncResult) cannot be killed.
             kill = getattr(child, "kill", None) if policy == "kill" else None
+            if child in mine:
+                if kill is not None and not child.dead:
+                    doomed.append(kill)  # still there: kill again, quietly
+                continue
+            mine.add(child)
             if kill is not None:
                 doomed.append(kill)
             elif child in _logged:
                 continue  # another adapter's watcher logged it already
             _logged.add(child)
+            record = registry.HandOff(entry)
             log.warning(
                 "straggler: child %s of request %s (spawned at %s) still runs %.1fs after the response%s",
                 getattr(record.function, "__qualname__", None) or repr(record.function),

@@ -223,3 +223,33 @@ def test_streamed_response_under_a_preserving_test_client_leaves_no_context(asyn
     with client:
         assert client.get().text == "flask"
     assert not flask.has_request_context() and not flask.has_app_context()
+
+
+def test_grandchild_spawned_by_a_killed_straggler_is_logged_and_killed_too(
+    serve: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    life = App()
+    life.app.config.update(GEVENTCTX_STRAGGLER_TIMEOUT=0.2, GEVENTCTX_STRAGGLER_POLICY="kill")
+    never = Event()
+
+    def grandchild() -> None:
+        never.wait()
+
+    def straggler() -> None:
+        try:
+            never.wait()
+        finally:
+            geventctx.spawn(grandchild)  # while being killed
+
+    @life.app.get("/work")
+    def work() -> str:
+        geventctx.spawn(straggler)
+        return "done"
+
+    with caplog.at_level("WARNING", logger="geventctx"):
+        response = http_request(serve(life.app).port, "GET", "/work")
+        assert response is not None and response.body == b"done"
+        wait_for(lambda: life.teardowns() == 1, 5, "teardown once both were killed")
+    logged = [r.getMessage() for r in caplog.records if "straggler" in r.getMessage()]
+    assert len(logged) == 2, logged
+    assert "straggler" in logged[0] and "grandchild" in logged[1] and "killing it" in logged[1]
