@@ -102,3 +102,93 @@ def test_streaming_iteration_runs_in_the_requests_own_context(serve):
 
     server = serve(ContextMiddleware(streaming_app))
     assert keep_alive_requests(server.port, ["/set", "/get"]) == ["set", "-.."]
+
+
+# -- the Context rule: one request, one Context object ---------------------------
+
+tokened = contextvars.ContextVar("tokened", default=None)
+
+
+def test_a_teardown_step_due_while_the_request_streams_runs_in_its_context_between_chunks(serve):
+    # A plain (context-less) stream: the request itself ended at the view's
+    # pop, the child holds teardown, and ends while the request's greenlet
+    # is inside its Context (blocked in the generator). The step is queued
+    # and runs in that Context when the chunk is done: a token set in
+    # before_request is reset without error, before the stream ends.
+    import gevent
+    from flask import Response
+
+    app = Flask("busy_context")
+    GeventContext(app)
+    events = []
+    errors = []
+
+    @app.before_request
+    def set_token():
+        from flask import g
+
+        g.token = tokened.set("request")
+
+    @app.teardown_request
+    def reset_token(exc):
+        from flask import g
+
+        try:
+            tokened.reset(g.token)
+            events.append("teardown")
+        except ValueError as error:
+            errors.append(error)
+
+    @app.get("/stream")
+    def stream():
+        geventctx.spawn(gevent.sleep, 0.05)
+
+        def generate():
+            yield "a"
+            gevent.sleep(0.2)  # the child ends meanwhile: the Context is busy
+            events.append("chunk b")
+            yield "b"
+            events.append("chunk c")
+            yield "c"
+
+        return Response(generate())
+
+    from httpkit import request as http_request
+    from httpkit import wait_for
+
+    response = http_request(serve(app).port, "GET", "/stream")
+    assert response is not None and response.body == b"abc"
+    wait_for(lambda: "teardown" in events or errors, 5, "the teardown")
+    assert errors == []
+    assert events == ["chunk b", "teardown", "chunk c"]
+
+
+def test_request_context_queues_a_call_while_another_greenlet_is_inside():
+    import gevent
+    from gevent.event import Event
+
+    from geventctx.isolation import RequestContext
+
+    home = RequestContext.fresh()
+    inside, leave, order = Event(), Event(), []
+
+    def request_greenlet():
+        def body():
+            inside.set()
+            leave.wait()
+            order.append("left")
+
+        home.enter(body)
+
+    worker = gevent.spawn(request_greenlet)
+    inside.wait()
+    ran_in = []
+    home.call(lambda: ran_in.append(contextvars.copy_context().get(secret)) or order.append("step"))
+    assert order == [] and home.busy  # queued: the Context is entered by the request's greenlet
+    leave.set()
+    worker.join()
+    assert order == ["left", "step"] and not home.busy
+    # Free again: a call runs at once, in that same Context object.
+    home.context.run(secret.set, "kept")
+    home.call(lambda: ran_in.append(secret.get()))
+    assert ran_in[-1] == "kept"
