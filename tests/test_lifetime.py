@@ -181,6 +181,12 @@ def g_closed(life: App) -> bool:
     return "teardown_appcontext" in life.events
 
 
+def _flask_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("flask").split(".")[:3] if part.isdigit())
+
+
 def _streaming_session_app(async_view: bool) -> Flask:
     app = Flask(f"stream_session_{async_view}")
     app.secret_key = "test"
@@ -213,6 +219,8 @@ def test_streamed_response_under_a_preserving_test_client_leaves_no_context(asyn
     # the test's Context, so the request runs there too.
     if async_view:
         pytest.importorskip("asgiref", reason="async views need flask[async]")
+        if _flask_version() < (3, 1, 2):
+            pytest.skip("stream_with_context in an async view fails in plain Flask before 3.1.2 (pallets/flask#5774)")
     app = _streaming_session_app(async_view)
     client = app.test_client()
     client.get().close()
