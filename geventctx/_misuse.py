@@ -22,13 +22,11 @@ _warned: weakref.WeakSet[t.Any] = weakref.WeakSet()
 
 def check_unmanaged(site: Site | None) -> None:
     """Warn once per app if a Flask request context is active but unmanaged."""
-    flask_globals = sys.modules.get("flask.globals")
-    if flask_globals is None:
+    flask = sys.modules.get("flask")
+    # Flask's public API only: the same on every Flask version.
+    if flask is None or not hasattr(flask, "has_request_context") or not flask.has_request_context():
         return
-    ctx = flask_globals._cv_request.get(None)
-    if ctx is None:
-        return
-    app = ctx.app
+    app = flask.current_app._get_current_object()
     if "geventctx" in app.extensions or app in _warned:
         return
     _warned.add(app)

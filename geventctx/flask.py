@@ -67,15 +67,15 @@ from __future__ import annotations
 import sys
 import typing as t
 import warnings
+import weakref
 
 from flask import Flask
-from flask.globals import _cv_app, _cv_request
-from flask.sessions import SessionInterface
 from flask.signals import request_finished, request_started
 from gevent import get_hub
 from gevent.monkey import get_original
 from werkzeug.datastructures import CallbackDict
 
+from . import _flask_compat as compat
 from . import errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
@@ -90,7 +90,7 @@ from .body import (
 )
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
-from .request import ENVIRON_BODY_PLAN, SharedBodyRequest, shared_body_request_class
+from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["GeventContext", "DEFAULTS"]
@@ -111,83 +111,6 @@ DEFAULTS: dict[str, t.Any] = {
     "GEVENTCTX_LOG_CHILD_ERRORS": True,
 }
 _POLICIES = ("warn", "error", "ignore")
-
-
-_sentinel: t.Any = object()
-
-
-# -- Flask internals, in one place --------------------------------------------
-# Flask 2.3-3.1 keep a RequestContext and an AppContext in two context
-# variables; the request context remembers the app context it pushed. Flask
-# 3.2 merges the two: only these helpers should need to change.
-
-
-def _request_ctx() -> t.Any:
-    return _cv_request.get(None)
-
-
-def _app_ctx() -> t.Any:
-    return _cv_app.get(None)
-
-
-def _app_ctx_pushed_by(ctx: t.Any) -> t.Any:
-    """The app context ``ctx`` pushed for itself (None if one was active)."""
-    tokens = getattr(ctx, "_cv_tokens", None)
-    return tokens[-1][1] if tokens else None
-
-
-def _in_contexts(app_ctx: t.Any, req_ctx: t.Any, function: t.Callable[..., t.Any], *args: t.Any) -> None:
-    """``function(*args)`` with the request's contexts current, as Flask runs
-    teardown: a deferred step runs after Flask popped them. The variables are
-    set and reset in the running Context (the request's own)."""
-    if _cv_request.get(None) is req_ctx:
-        function(*args)
-        return
-    app_token = _cv_app.set(app_ctx) if app_ctx is not None else None
-    req_token = _cv_request.set(req_ctx)
-    try:
-        function(*args)
-    finally:
-        _cv_request.reset(req_token)
-        if app_token is not None:
-            _cv_app.reset(app_token)
-
-
-def _stream_generator_code() -> t.Any:
-    from flask import helpers
-
-    for const in helpers.stream_with_context.__code__.co_consts:
-        if getattr(const, "co_name", None) == "generator":
-            return const
-    return None
-
-
-#: The code of the generator ``stream_with_context`` wraps a stream in.
-_STREAM_CODE = _stream_generator_code()
-
-
-def _stream_of(response: t.Any) -> t.Any:
-    """The ``stream_with_context`` generator of ``response``, or ``None``."""
-    stream = getattr(response, "response", None)
-    if _STREAM_CODE is not None and getattr(stream, "gi_code", None) is _STREAM_CODE:
-        return stream
-    return None
-
-
-def _stream_pending(response: t.Any) -> bool:
-    """True if ``response`` streams with context and its generator has not
-    run yet: Flask 3.1.2-3.1.3 push the contexts again only when the stream
-    starts, after the view's pop (earlier and later versions push them in
-    the view, so the view's pop is not their last)."""
-    stream = _stream_of(response)
-    return stream is not None and stream.gi_frame is not None and not stream.gi_running
-
-
-def _stream_popping(response: t.Any) -> bool:
-    """True while ``response``'s ``stream_with_context`` generator runs: a
-    teardown call now comes from its own pop of the contexts."""
-    stream = _stream_of(response)
-    return stream is not None and stream.gi_running
 
 
 # -- warnings at the user's line -------------------------------------------------
@@ -261,32 +184,6 @@ def _seal_session(session: t.Any, scope: Scope, policy: str) -> None:
         scope.on_close(compare)
 
 
-class _GuardedSessionInterface(SessionInterface):
-    """Delegates to the app's session interface; seals the session once saved."""
-
-    def __init__(self, inner: SessionInterface) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self.inner, name)
-
-    def make_null_session(self, app: Flask) -> t.Any:
-        return self.inner.make_null_session(app)
-
-    def is_null_session(self, obj: object) -> bool:
-        return self.inner.is_null_session(obj)
-
-    def open_session(self, app: Flask, request: t.Any) -> t.Any:
-        return self.inner.open_session(app, request)
-
-    def save_session(self, app: Flask, session: t.Any, response: t.Any) -> None:
-        self.inner.save_session(app, session, response)
-        ctx = _request_ctx()
-        scope = getattr(ctx, "_geventctx_scope", None)
-        if scope is not None:
-            _seal_session(session, scope, app.config["GEVENTCTX_SESSION_AFTER_RESPONSE"])
-
-
 # -- the extension ---------------------------------------------------------------
 
 
@@ -309,30 +206,26 @@ class GeventContext:
         _check_config(app.config)
         app.extensions["geventctx"] = self
         app.extensions[_PLAN_KEY] = _BodyPlan(app.config)
-        request_started.connect(self._request_started, app, weak=False)
-        request_finished.connect(self._request_finished, app, weak=False)
-        # Flask calls these on the app during RequestContext/AppContext.pop;
-        # instance attributes let us defer them for this app only.
-        original_request = app.do_teardown_request
-        original_appctx = app.do_teardown_appcontext
-        app.do_teardown_request = lambda exc=_sentinel: self._teardown_request(original_request, exc)  # type: ignore[method-assign]
-        app.do_teardown_appcontext = lambda exc=_sentinel: self._teardown_appctx(original_appctx, exc)  # type: ignore[method-assign]
-        if not isinstance(app.session_interface, _GuardedSessionInterface):
-            app.session_interface = _GuardedSessionInterface(app.session_interface)
-        # Each request in a context of its own: a contextvar one request sets
-        # must not reach the next request on a keep-alive connection (G2).
-        # The response iterable's close() (Werkzeug's call_on_close hooks) is
-        # the last step of a request's teardown: it waits for the children
-        # too (G4).
-        app.wsgi_app = IsolatedApp(app.wsgi_app, _end_of_request)  # type: ignore[method-assign]
+        _connect_signals()
+        # The rule for what init_app puts on the app: nothing that refers
+        # back to the app strongly (an app dropped is freed at once, as Flask
+        # promises), and nothing per request. Flask calls these two during
+        # the contexts' pop; instance attributes defer them for this app.
+        app.do_teardown_request = _Teardown(app, "do_teardown_request")  # type: ignore[method-assign]
+        app.do_teardown_appcontext = _Teardown(app, "do_teardown_appcontext")  # type: ignore[method-assign]
+        # Each request in a Context of its own (G2, and the Context rule of
+        # geventctx.isolation); the response's close() (Werkzeug's
+        # call_on_close hooks) is the last step of its teardown, after the
+        # children (G4).
+        app.wsgi_app = IsolatedApp(_weakly_bound(app, app.wsgi_app), _end_of_request)  # type: ignore[method-assign]
         # Every body consumer of the app's requests reads the shared body
         # (made at the first read or hand-off, never before).
         app.request_class = shared_body_request_class(app.request_class)
 
     # -- request start ----------------------------------------------------------
 
-    def _request_started(self, app: Flask, **_: t.Any) -> None:
-        ctx = _request_ctx()
+    def _request_started(self, app: Flask) -> None:
+        ctx = compat.request_ctx()
         if ctx is None or getattr(ctx, "_geventctx_scope", None) is not None:
             return
         config = app.config
@@ -345,18 +238,15 @@ class GeventContext:
         ctx._geventctx_scope = scope
         environ[_ENVIRON_FLASK_SCOPE] = scope
         scope.extras["token"] = scope.enter()
-        app_ctx = _app_ctx_pushed_by(ctx)
+        app_ctx = compat.app_ctx_of_request(ctx)
         if app_ctx is not None:
             app_ctx._geventctx_scope = scope
         # A deferred teardown step runs with these current again.
-        scope.extras["contexts"] = (_app_ctx(), ctx)
+        scope.extras["contexts"] = compat.contexts(ctx)
         scope.extras["config"] = config
 
         mode = config["GEVENTCTX_BODY"]
         if mode != "off" and has_body(environ):
-            if not isinstance(request, SharedBodyRequest):
-                # app.request_class was replaced after init_app.
-                request.__class__ = shared_body_request_class(type(request))
             if ENVIRON_BODY in environ:
                 # The WSGI middleware shares it already: add Flask's limit.
                 share_wsgi_input(environ, lambda: request.max_content_length)
@@ -380,40 +270,40 @@ class GeventContext:
 
             scope.on_handoff = share_at_first_handoff
 
-        late = _AfterRequestList(ctx._after_request_functions)
+        late = _AfterRequestList(compat.after_request_functions(ctx))
         late.policy = config["GEVENTCTX_LATE_EFFECTS"]
         late.label = scope.label
-        ctx._after_request_functions = late
+        compat.set_after_request_functions(ctx, late)
         scope.extras["after_request"] = late
 
-        close = getattr(request, "close", None)
-        if close is not None:
-            # Flask calls it with the request context still pushed; a deferred
-            # close must see it too (request, g), like teardown functions.
-            deferred: list[bool] = []
-
-            def deferred_close() -> None:
-                # Flask's pop calls it; so does the pop of every copy made by
-                # copy_current_request_context (same request object). Close
-                # once, when the scope closes.
-                if not deferred:
-                    deferred.append(True)
-                    contexts = scope.extras["contexts"]
-                    scope.defer(_in_contexts, contexts[0], contexts[1], close)
-
-            request.close = deferred_close
+        if not isinstance(request, SharedBodyRequest):
+            # app.request_class was replaced after init_app.
+            request.__class__ = shared_body_request_class(type(request))
+        # request.close() (Flask calls it in its pop) waits for the children.
+        environ[ENVIRON_CLOSE_HOOK] = _defer_request_close
 
         if config["GEVENTCTX_LOG_CHILD_ERRORS"]:
             errorlog.install()
         else:
             scope.extras[errorlog.OPT_OUT] = True
 
-    def _request_finished(self, app: Flask, response: t.Any = None, **_: t.Any) -> None:
-        scope = getattr(_request_ctx(), "_geventctx_scope", None)
-        if scope is not None:
-            scope.response_started = True
-            scope.extras["after_request"].sealed = True
-            scope.extras["response"] = response
+    def _request_finished(self, app: Flask, response: t.Any) -> None:
+        ctx = compat.request_ctx()
+        scope = getattr(ctx, "_geventctx_scope", None)
+        if scope is None:
+            return
+        scope.response_started = True
+        scope.extras["after_request"].sealed = True
+        scope.extras["response"] = response
+        stream = compat.stream_of(response)
+        if stream is not None:
+            _streams[scope] = weakref.ref(stream)
+        # Flask saved the session just now (process_response, unless it is
+        # a null session), whatever the app's session interface is: from
+        # here on a change cannot reach the client (G6).
+        session = compat.session_if_open(ctx)
+        if session is not None and not app.session_interface.is_null_session(session):
+            _seal_session(session, scope, app.config["GEVENTCTX_SESSION_AFTER_RESPONSE"])
 
     # -- teardown, deferred until the last child ends -------------------------------
     #
@@ -428,14 +318,22 @@ class GeventContext:
     # request's teardown ran (the test client popping the contexts it
     # preserved, at the end of ``with client:``) runs, as without geventctx.
 
-    def _teardown_request(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
-        ctx = _request_ctx()
+    def _teardown_request(
+        self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+    ) -> None:
+        ctx, exc = compat.teardown_call(args, kwargs)
+        if ctx is None:
+            ctx = compat.request_ctx()
         scope: Scope | None = getattr(ctx, "_geventctx_scope", None)
         if scope is None:
-            original(exc)
+            original(*args, **kwargs)  # not a managed request: Flask's own call
             return
-        if exc is _sentinel:
-            exc = sys.exc_info()[1]
+        if scope.done:
+            if not _stream_popping(scope):
+                original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
+            return
+        if exc is compat.MISSING:
+            exc = compat.exception_in_flight()
         state = scope.extras
         response = state.get("response")
         if "teardown_request" not in state:
@@ -446,31 +344,137 @@ class GeventContext:
                 # request.max_content_length needs the request's context,
                 # which a capture after the response no longer has.
                 body.settle_limits()
-            app_ctx, req_ctx = state["contexts"]
-            scope.defer(_in_contexts, app_ctx, req_ctx, original, exc)
-            if _stream_pending(response):
+            scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
+            if compat.stream_pending(response):
                 return  # the stream continues the request: it ends there
-        elif scope.owner_done and not _stream_popping(response):
-            original(exc)  # Flask's own repeat, after the request's teardown ran
+        elif scope.owner_done and not _stream_popping(scope):
+            original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
             return
         if not scope.owner_done:
-            _end_owner(scope, ctx.app.config)
+            _end_owner(scope, app.config)
 
-    def _teardown_appctx(self, original: t.Callable[[t.Any], None], exc: t.Any) -> None:
-        app_ctx = _app_ctx()
+    def _teardown_appctx(
+        self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+    ) -> None:
+        ctx, exc = compat.teardown_call(args, kwargs)
+        app_ctx = ctx if ctx is not None else compat.app_ctx()
         scope: Scope | None = getattr(app_ctx, "_geventctx_scope", None)
         if scope is None:
-            original(exc)
+            original(*args, **kwargs)
             return
-        if exc is _sentinel:
-            exc = sys.exc_info()[1]
+        if scope.done:
+            if not _stream_popping(scope):
+                original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
+            return
+        if exc is compat.MISSING:
+            exc = compat.exception_in_flight()
         state = scope.extras
         if "teardown_appcontext" not in state:
             state["teardown_appcontext"] = True
-            contexts = state["contexts"]
-            scope.defer(_in_contexts, contexts[0], contexts[1], original, exc)
-        elif not _stream_popping(state.get("response")) and scope.done:
-            original(exc)  # Flask's own repeat, after the request's teardown ran
+            scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
+
+
+def _with_exc(args: tuple[t.Any, ...], exc: t.Any) -> tuple[t.Any, ...]:
+    """A teardown call's arguments with its exception settled: ``(exc,)``
+    on Flask 2.3-3.1, ``(ctx, exc)`` on 3.2."""
+    return (args[0], exc) if compat.MERGED else (exc,)
+
+
+class _Teardown:
+    """``app.do_teardown_request``/``do_teardown_appcontext`` of a managed
+    app: defers Flask's own method (looked up on the app's class at each
+    call, so subclass overrides count) for managed requests and calls it
+    unchanged otherwise. Holds the app weakly: no reference cycle."""
+
+    __slots__ = ("_app", "_name")
+
+    def __init__(self, app: Flask, name: str) -> None:
+        self._app = weakref.ref(app)
+        self._name = name
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        app = self._app()
+        if app is None:
+            raise RuntimeError("the app of this teardown method is gone")
+        original = getattr(type(app), self._name).__get__(app)
+        ext = app.extensions.get("geventctx")
+        if not isinstance(ext, GeventContext):
+            original(*args, **kwargs)
+        elif self._name == "do_teardown_request":
+            ext._teardown_request(app, original, args, kwargs)
+        else:
+            ext._teardown_appctx(app, original, args, kwargs)
+
+
+class _WeakWsgiApp:
+    """``app.wsgi_app`` (the method of the app itself) without a strong
+    reference to the app: what ``app.wsgi_app = IsolatedApp(...)`` keeps."""
+
+    __slots__ = ("_app", "_function")
+
+    def __init__(self, app: Flask, function: t.Callable[..., t.Any]) -> None:
+        self._app = weakref.ref(app)
+        self._function = function
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+        app = self._app()
+        if app is None:
+            raise RuntimeError("the Flask app of this WSGI callable is gone")
+        return self._function(app, environ, start_response)
+
+
+def _weakly_bound(app: Flask, wsgi_app: t.Any) -> t.Any:
+    # The app's own bound method would make a cycle; a middleware the user
+    # put there before us is kept as it is (its references are its own).
+    if getattr(wsgi_app, "__self__", None) is app:
+        return _WeakWsgiApp(app, wsgi_app.__func__)
+    return wsgi_app
+
+
+def _on_request_started(sender: t.Any, **_: t.Any) -> None:
+    ext = getattr(sender, "extensions", {}).get("geventctx")
+    if isinstance(ext, GeventContext):
+        ext._request_started(sender)
+
+
+def _on_request_finished(sender: t.Any, response: t.Any = None, **_: t.Any) -> None:
+    ext = getattr(sender, "extensions", {}).get("geventctx")
+    if isinstance(ext, GeventContext):
+        ext._request_finished(sender, response)
+
+
+def _connect_signals() -> None:
+    # One receiver per signal for the process, whatever the number of apps
+    # (blinker keeps module functions; they look the extension up on the
+    # sender), so an app factory's apps leave nothing behind.
+    request_started.connect(_on_request_started)
+    request_finished.connect(_on_request_finished)
+
+
+def _defer_request_close(request: t.Any) -> bool:
+    """``request.close()`` of a managed request: a step of its scope, once
+    for ever (Flask's pop calls it, and so does the pop of every copy made
+    by ``copy_current_request_context``: the same request object)."""
+    state = request.__dict__
+    if state.get("_geventctx_close_deferred"):
+        return True
+    scope: Scope | None = request.environ.get(_ENVIRON_FLASK_SCOPE)
+    if scope is None or scope.done:
+        return False
+    state["_geventctx_close_deferred"] = True
+    scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
+    return True
+
+
+#: The ``stream_with_context`` generator of a managed request's response
+#: (weakly): its own pops of the contexts are not teardown calls to repeat.
+_streams: weakref.WeakKeyDictionary[Scope, t.Any] = weakref.WeakKeyDictionary()
+
+
+def _stream_popping(scope: Scope) -> bool:
+    ref = _streams.get(scope)
+    stream = ref() if ref is not None else None
+    return stream is not None and bool(stream.gi_running)
 
 
 def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:

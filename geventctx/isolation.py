@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import typing as t
+import weakref
 from contextvars import Context, ContextVar, copy_context
 
 from greenlet import getcurrent
@@ -62,7 +63,8 @@ ENVIRON_CONTEXT = "geventctx.context"
 
 #: Set in a request's own Context: its RequestContext (a child's copy
 #: inherits it, but is not that Context: see :meth:`RequestContext.current`).
-_HOME: ContextVar[RequestContext | None] = ContextVar("geventctx.request_context", default=None)
+#: A weak reference: the Context and its RequestContext refer to each other.
+_HOME: ContextVar[weakref.ref[RequestContext] | None] = ContextVar("geventctx.request_context", default=None)
 
 #: Where the part of a request's end that waits is kept until it can run
 #: outside the request's Context (see :func:`after_close`).
@@ -124,9 +126,9 @@ class RequestContext:
         self._inside = 0
         self._pending: list[t.Callable[[], t.Any]] = []
         if getcurrent().gr_context is context:
-            _HOME.set(self)
+            _HOME.set(weakref.ref(self))
         else:
-            context.run(_HOME.set, self)
+            context.run(_HOME.set, weakref.ref(self))
 
     @classmethod
     def fresh(cls) -> RequestContext:
@@ -137,7 +139,8 @@ class RequestContext:
     def current(cls) -> RequestContext:
         """The RequestContext of the running Context, made if it has none."""
         context = _current_context()
-        home = context.get(_HOME)
+        ref = context.get(_HOME)
+        home = ref() if ref is not None else None
         if home is not None and home.context is context:
             return home
         return cls(context)

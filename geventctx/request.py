@@ -31,12 +31,17 @@ from gevent.monkey import get_original
 from .body import BODY_GONE, ENVIRON_BODY, SharedBody, SharedFile
 from .errors import BodyReadError
 
-__all__ = ["SharedBodyRequest", "shared_body_request_class", "ENVIRON_BODY_PLAN"]
+__all__ = ["SharedBodyRequest", "shared_body_request_class", "ENVIRON_BODY_PLAN", "ENVIRON_CLOSE_HOOK"]
 
 #: Where an adapter puts ``plan(environ, request) -> SharedBody``: how to make
 #: the shared body when the request first reads it (made lazily: a request
 #: that never reads pays nothing).
 ENVIRON_BODY_PLAN = "geventctx.body_plan"
+
+#: Where an adapter puts ``hook(request) -> bool``: asked by ``close()``;
+#: ``True`` means the adapter defers the close (it calls :meth:`close_now`
+#: when the request's children are done).
+ENVIRON_CLOSE_HOOK = "geventctx.request_close"
 
 #: What Werkzeug's form parser reads the body for.
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -120,7 +125,15 @@ class SharedBodyRequest:
         return t.cast(t.IO[bytes], body.cursor())  # the parser's own reader, from the first byte
 
     def close(self) -> None:
-        """Close the uploaded files (Flask defers this to the request's end)."""
+        """Close the uploaded files, now or — for a request an adapter
+        manages — when its children are done."""
+        hook = self.environ.get(ENVIRON_CLOSE_HOOK)
+        if hook is not None and hook(self):
+            return
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close the uploaded files now."""
         files = self.__dict__.get("files")
         for _name, upload in files.items(multi=True) if files is not None else ():
             if isinstance(upload.stream, SharedFile):

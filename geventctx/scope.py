@@ -277,6 +277,10 @@ class Scope:
 
     def _finish_steps(self) -> None:
         self._done = True
+        # What adapters kept for the request (its contexts, its response)
+        # goes now: nothing of the request outlives it in a reference cycle.
+        self.extras.clear()
+        self.on_handoff = None
         if self._closed_event is not None:
             self._closed_event.set()
         parent, self.parent = self.parent, None

@@ -108,7 +108,7 @@ def test_stream_with_context_without_children_tears_down_once(serve: t.Any) -> N
     for _ in range(2):
         response = http_request(server.port, "GET", "/stream")
         assert response is not None and response.body == b"/stream!"
-    wait_for(lambda: life.teardowns() == 2, 5, "both teardowns")
+    wait_for(lambda: life.teardowns() == 2, 5, f"both teardowns {life.events}")
     settle()
     assert life.events == ["teardown_request", "teardown_appcontext"] * 2
 
