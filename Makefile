@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench soak lint test-flask-matrix test-flask-oldest clean
+.PHONY: demo test bench soak lint test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Flask's own test suite, plain and with GeventContext on every app: any
+# test that passes plain and fails with the extension fails this target.
+test-flask-suite: $(STAMP)
+	$(PY) peers/flask_suite.py --python $(PY)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
@@ -29,7 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py --strict
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-flask-* build *.egg-info .pytest_cache .cache
 
 # Flask minors we support, each tested in its own venv with the Werkzeug it
 # was released with. `make test-flask-matrix` runs them all; CI runs the
@@ -48,6 +53,23 @@ test-flask-%: .venv-flask-%/.installed
 	.venv-flask-$*/bin/python -c "from importlib.metadata import version as v; print('Flask', v('flask'), 'Werkzeug', v('werkzeug'))"
 	.venv-flask-$*/bin/python -m pytest -q -m "not slow"
 
-test-flask-matrix: $(foreach v,$(FLASK_MATRIX),test-flask-$(v))
+# (exit status 2: that minor's suite does not collect here; not a failure)
+test-flask-suite-%: .venv-flask-%/.installed
+	$(PY) peers/flask_suite.py --python .venv-flask-$*/bin/python || test $$? -eq 2
+
+test-flask-matrix: $(foreach v,$(FLASK_MATRIX),test-flask-$(v) test-flask-suite-$(v))
 
 test-flask-oldest: test-flask-$(FLASK_OLDEST)
+
+# Flask's next release: our suite against Flask main (and Werkzeug as given).
+# FLASK_MAIN is a pip requirement, for instance a local snapshot:
+#   make test-flask-main FLASK_MAIN=git+file:///path/to/flask
+FLASK_MAIN    ?= git+https://github.com/pallets/flask
+WERKZEUG_MAIN ?= werkzeug
+
+test-flask-main: $(STAMP)
+	test -x .venv-flask-main/bin/python || $(PYTHON) -m venv .venv-flask-main
+	.venv-flask-main/bin/python -m pip install --quiet -e '.[test]' '$(WERKZEUG_MAIN)'
+	.venv-flask-main/bin/python -m pip install --quiet --force-reinstall --no-deps '$(FLASK_MAIN)'
+	.venv-flask-main/bin/python -c "from importlib.metadata import version as v; print('Flask', v('flask'), 'Werkzeug', v('werkzeug'))"
+	.venv-flask-main/bin/python -m pytest -q -m "not slow"

@@ -123,10 +123,12 @@ def _is_flask_sentinel(value: t.Any) -> bool:
 
 def session_if_open(ctx: t.Any) -> t.Any:
     """The request's session if it was opened (2.3-3.1 open it at push;
-    3.2 on first access), else ``None``."""
-    if MERGED:
-        return getattr(ctx, "_session", None)
-    return getattr(ctx, "session", None)
+    3.2 on first access), else ``None``, without marking it accessed:
+    3.1.3+ keep it in ``_session`` behind a ``session`` property that does."""
+    state = vars(ctx)
+    if "_session" in state:
+        return state["_session"]
+    return state.get("session")
 
 
 def after_request_functions(ctx: t.Any) -> list[t.Any]:

@@ -297,7 +297,7 @@ class GeventContext:
         scope.extras["response"] = response
         stream = compat.stream_of(response)
         if stream is not None:
-            _streams[scope] = weakref.ref(stream)
+            _end_of(scope).stream = weakref.ref(stream)
         # Flask saved the session just now (process_response, unless it is
         # a null session), whatever the app's session interface is: from
         # here on a change cannot reach the client (G6).
@@ -329,15 +329,16 @@ class GeventContext:
             original(*args, **kwargs)  # not a managed request: Flask's own call
             return
         if scope.done:
-            if not _stream_popping(scope):
+            if _repeat_after_done(scope, "teardown_request"):
                 original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
             return
         if exc is compat.MISSING:
             exc = compat.exception_in_flight()
         state = scope.extras
         response = state.get("response")
-        if "teardown_request" not in state:
-            state["teardown_request"] = True
+        end = _end_of(scope)
+        if "teardown_request" not in end.handled:
+            end.handled.add("teardown_request")
             state["after_request"].sealed = True
             body = ctx.request.environ.get(ENVIRON_BODY)
             if isinstance(body, SharedBody):
@@ -347,7 +348,7 @@ class GeventContext:
             scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
             if compat.stream_pending(response):
                 return  # the stream continues the request: it ends there
-        elif scope.owner_done and not _stream_popping(scope):
+        elif scope.owner_done and not end.stream_popping():
             original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
             return
         if not scope.owner_done:
@@ -363,14 +364,15 @@ class GeventContext:
             original(*args, **kwargs)
             return
         if scope.done:
-            if not _stream_popping(scope):
+            if _repeat_after_done(scope, "teardown_appcontext"):
                 original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
             return
         if exc is compat.MISSING:
             exc = compat.exception_in_flight()
         state = scope.extras
-        if "teardown_appcontext" not in state:
-            state["teardown_appcontext"] = True
+        end = _end_of(scope)
+        if "teardown_appcontext" not in end.handled:
+            end.handled.add("teardown_appcontext")
             scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
 
 
@@ -466,15 +468,42 @@ def _defer_request_close(request: t.Any) -> bool:
     return True
 
 
-#: The ``stream_with_context`` generator of a managed request's response
-#: (weakly): its own pops of the contexts are not teardown calls to repeat.
-_streams: weakref.WeakKeyDictionary[Scope, t.Any] = weakref.WeakKeyDictionary()
+class _End:
+    """What the adapter remembers of a request until its scope is gone:
+    which teardown calls it took over, and its ``stream_with_context``
+    generator (weakly), whose own pops of the contexts are not calls to
+    repeat."""
+
+    __slots__ = ("handled", "stream")
+
+    def __init__(self) -> None:
+        self.handled: set[str] = set()
+        self.stream: t.Any = None
+
+    def stream_popping(self) -> bool:
+        stream = self.stream() if self.stream is not None else None
+        return stream is not None and bool(stream.gi_running)
 
 
-def _stream_popping(scope: Scope) -> bool:
-    ref = _streams.get(scope)
-    stream = ref() if ref is not None else None
-    return stream is not None and bool(stream.gi_running)
+_ends: weakref.WeakKeyDictionary[Scope, _End] = weakref.WeakKeyDictionary()
+
+
+def _end_of(scope: Scope) -> _End:
+    end = _ends.get(scope)
+    if end is None:
+        end = _ends[scope] = _End()
+    return end
+
+
+def _repeat_after_done(scope: Scope, kind: str) -> bool:
+    """A teardown call after the request's teardown ran: ``True`` if Flask's
+    own repeat (run it), ``False`` if the stream's pop of a step already
+    taken over (drop it)."""
+    end = _end_of(scope)
+    if end.stream_popping() and kind in end.handled:
+        return False
+    end.handled.add(kind)
+    return True
 
 
 def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:

@@ -34,11 +34,11 @@ from flask import (
     session,
     url_for,
 )
-from flask.globals import _cv_app, _cv_request
 from gevent.event import Event
 from httpkit import settle, wait_for
 
 import geventctx
+from geventctx import _flask_compat as compat
 from geventctx import registry
 from geventctx.flask import GeventContext
 
@@ -131,8 +131,8 @@ def test_child_sees_the_parents_very_objects_and_url_for(serve, gates):
                 "session": session._get_current_object(),
                 "g": g._get_current_object(),
                 "app": current_app._get_current_object(),
-                "request_ctx": _cv_request.get(),
-                "app_ctx": _cv_app.get(),
+                "request_ctx": compat.request_ctx(),
+                "app_ctx": compat.app_ctx(),
                 "marker": g.marker,
                 "url": url_for("item", item=item + 1),
                 "external": url_for("item", item=item + 1, _external=True),

@@ -1,0 +1,219 @@
+"""Flask's own test suite as the judge of the Flask extension.
+
+``make test-flask-suite`` (and ``python peers/flask_suite.py --python
+VENV_PYTHON``) takes the Flask and Werkzeug versions installed in the given
+interpreter's environment, fetches that Flask's sdist (``pip download
+--no-binary :all:``: it ships ``tests/``), and runs its suite three times in a
+venv of its own (``.venv-flask-suite-<version>``: the same Flask and
+Werkzeug, geventctx from this checkout, the pytest version the suite
+collects with): plain, with :class:`~geventctx.flask.GeventContext` on
+every app it builds (``peers/flask_suite_plugin.py``), and the same after
+``gevent.monkey.patch_all()``. Per test it compares
+the two outcomes. A test that passes plain and fails (or errors) with the
+extension is a regression: the exit status is 1. Tests that fail plain are
+reported as the baseline and not counted. If the suite does not even
+collect plain with these versions (Flask main next to Werkzeug main, at
+times), nothing is judged: exit status 2.
+
+geventctx's own pytest plugin (the leak check) is off in both runs: the
+suite judges Flask's promises, not ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "flask-suite"
+
+#: The pytest Flask's suites collect with (pytest 9.2 drops
+#: ``_pytest.monkeypatch.notset``, which Flask 3.1's tests/test_cli.py imports).
+PYTEST = "pytest==8.4.2"
+#: What Flask's suite itself needs besides Flask (its "tests" dependency group).
+SUITE_DEPS = ["asgiref", "python-dotenv", "greenlet"]
+#: Seconds each run of the suite may take.
+RUN_TIMEOUT = 900
+
+
+def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def versions(python: str) -> dict[str, str]:
+    out = subprocess.run(
+        [python, "-c", "from importlib.metadata import version as v; print(v('flask'), v('werkzeug'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return {"flask": out[0], "werkzeug": out[1]}
+
+
+def requirement(python: str, name: str, version: str) -> str:
+    """A pip requirement that reinstalls the ``name`` that ``python`` has:
+    the released version, or the direct URL it was installed from (main)."""
+    import json
+
+    script = f"from importlib.metadata import distribution as d; print(d({name!r}).read_text('direct_url.json') or '')"
+    out = subprocess.run([python, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
+    if out:
+        info = json.loads(out)
+        url = info.get("url", "")
+        vcs = info.get("vcs_info")
+        if vcs:
+            return f"{vcs['vcs']}+{url}@{vcs['commit_id']}"
+        if url.startswith("file://") and not info.get("dir_info", {}).get("editable"):
+            return f"{name} @ {url}"
+    return f"{name}=={version}"
+
+
+def suite_venv(python: str, found: dict[str, str]) -> Path:
+    """The suite's venv for these versions (made once; a stamp marks it done)."""
+    venv = ROOT / f".venv-flask-suite-{found['flask']}"
+    stamp = venv / ".installed"
+    wanted = f"{found['flask']} {found['werkzeug']} {PYTEST}"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return venv
+    if venv.exists():
+        shutil.rmtree(venv)
+    run([sys.executable, "-m", "venv", str(venv)])
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    run(pip + ["-e", str(ROOT), requirement(python, "flask", found["flask"]),
+               requirement(python, "werkzeug", found["werkzeug"]), PYTEST, *SUITE_DEPS])
+    stamp.write_text(wanted)
+    return venv
+
+
+def flask_tests(venv: Path, python: str, flask_version: str) -> Path:
+    """The ``tests/`` of Flask's source for ``flask_version``: the sdist from
+    the package index, or the source tree Flask was installed from."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    source = CACHE / f"flask-{flask_version}"
+    if (source / "tests").is_dir():
+        return source
+    wanted = requirement(python, "flask", flask_version)
+    download = CACHE / f"download-{flask_version}"
+    run([str(venv / "bin" / "python"), "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         "-d", str(download), wanted])
+    archives = sorted(download.glob("*"))
+    if not archives:
+        raise SystemExit(f"no Flask {flask_version} source archive was downloaded into {download}")
+    archive = archives[0]
+    if archive.suffix == ".zip":
+        shutil.unpack_archive(str(archive), str(CACHE / "unpacked"))
+        top = CACHE / "unpacked"
+        found = next(p for p in top.iterdir() if (p / "tests").is_dir())
+    else:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+            tar.extractall(CACHE / "unpacked", filter="data")
+        found = CACHE / "unpacked" / names[0].split("/")[0]
+    if source.exists():
+        shutil.rmtree(source)
+    found.rename(source)
+    return source
+
+
+def run_suite(venv: Path, source: Path, with_extension: bool, report: Path, patch: bool = False) -> float:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "peers")
+    env["GEVENTCTX_FLASK_SUITE"] = "1" if with_extension else "0"
+    env["GEVENTCTX_FLASK_SUITE_PATCH"] = "1" if patch else "0"
+    env.pop("GEVENTCTX_PATCH", None)
+    cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:geventctx",
+           "-p", "flask_suite_plugin", "-o", "addopts=", f"--junitxml={report}", "tests"]
+    start = time.monotonic()
+    print("+", " ".join(cmd), f"(GEVENTCTX_FLASK_SUITE={env['GEVENTCTX_FLASK_SUITE']}, patch_all={patch})", flush=True)
+    done = subprocess.run(cmd, cwd=source, env=env, text=True, capture_output=True, timeout=RUN_TIMEOUT)
+    tail = [line for line in done.stdout.splitlines() if line.strip()][-3:]
+    print("\n".join("    " + line for line in tail), flush=True)
+    if with_extension:
+        applied = re.search(r"GeventContext applied to (\d+) apps", done.stdout)
+        if applied is None or int(applied.group(1)) == 0:
+            raise SystemExit("the extension was applied to no app: the suite judged nothing")
+    if not report.exists():
+        print(done.stdout[-4000:], done.stderr[-4000:])
+        raise SystemExit("the suite did not write its report")
+    return time.monotonic() - start
+
+
+def outcomes(report: Path) -> dict[str, str]:
+    """test id -> passed / failed / error / skipped."""
+    result: dict[str, str] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "failed" if child.tag == "failure" else child.tag
+                if child.tag == "error" and outcome != "failed":
+                    outcome = "error"
+        result[name] = outcome
+    return result
+
+
+def detail(report: Path, name: str) -> str:
+    for case in ET.parse(report).getroot().iter("testcase"):
+        if f"{case.get('classname')}::{case.get('name')}" == name:
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    return (child.get("message") or "").splitlines()[0][:200] if child.get("message") else ""
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
+                        help="the interpreter whose Flask and Werkzeug versions to test")
+    args = parser.parse_args(argv)
+    found = versions(args.python)
+    print(f"Flask {found['flask']}, Werkzeug {found['werkzeug']} (from {args.python})", flush=True)
+    venv = suite_venv(args.python, found)
+    source = flask_tests(venv, args.python, found["flask"])
+    reports = CACHE / f"reports-{found['flask']}"
+    reports.mkdir(parents=True, exist_ok=True)
+    plain_report = reports / "plain.xml"
+    variants = [("GeventContext", reports / "geventctx.xml", False),
+                ("GeventContext + patch_all", reports / "geventctx-patched.xml", True)]
+    took = run_suite(venv, source, False, plain_report)
+    plain = outcomes(plain_report)
+    broken = sorted(name for name, outcome in plain.items() if outcome == "error" and name.startswith("::"))
+    if broken or not any(outcome == "passed" for outcome in plain.values()):
+        print(f"Flask {found['flask']}'s suite does not collect with these versions (plain run): nothing judged")
+        return 2
+
+    def count(results: dict[str, str]) -> str:
+        kinds = ("passed", "failed", "error", "skipped")
+        return ", ".join(f"{sum(1 for o in results.values() if o == k)} {k}" for k in kinds)
+
+    lines = [f"Flask {found['flask']} suite, plain: {count(plain)} ({took:.0f} s)"]
+    for name in sorted(n for n, o in plain.items() if o in ("failed", "error")):
+        lines.append(f"  baseline failure (not counted): {name}: {detail(plain_report, name)}")
+    bad = 0
+    for label, report, patch in variants:
+        took = run_suite(venv, source, True, report, patch)
+        ext = outcomes(report)
+        lines.append(f"Flask {found['flask']} suite, {label}: {count(ext)} ({took:.0f} s)")
+        for name in sorted(name for name in plain if name not in ext):
+            lines.append(f"  REGRESSION (not run with the extension): {name}")
+            bad += 1
+        for name in sorted(n for n, o in plain.items() if o == "passed" and ext.get(n) in ("failed", "error")):
+            lines.append(f"  REGRESSION: {name}: {detail(report, name)}")
+            bad += 1
+    print("\n" + "\n".join(lines))
+    print(f"{bad} regression(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
