@@ -103,6 +103,14 @@ _EVERYTHING = sys.maxsize
 _allocate_lock = get_original("_thread", "allocate_lock")
 
 
+def reader_key() -> t.Any:
+    """Who a position in a body or an uploaded file belongs to: the running
+    greenlet, or — in a ThreadPool worker — the task it runs (one worker
+    greenlet runs task after task)."""
+    current = getcurrent()
+    return getattr(current, "geventctx_reader", None) or current
+
+
 class _QuietStop(Exception):
     """The pump stops reading ahead: nobody waits and nothing was lost."""
 
@@ -489,10 +497,10 @@ class SharedBody(_Reader):
         return self
 
     def _at(self) -> int:
-        return self._cursors.get(getcurrent(), 0)
+        return self._cursors.get(reader_key(), 0)
 
     def _move(self, position: int) -> None:
-        self._cursors[getcurrent()] = position
+        self._cursors[reader_key()] = position
 
     def close(self) -> None:
         """Does nothing: the body belongs to the request, not to one reader
@@ -633,20 +641,20 @@ class SharedFile(_Readable):
         return True
 
     def _at(self) -> int:
-        return self._positions.get(getcurrent(), 0)
+        return self._positions.get(reader_key(), 0)
 
     def read(self, size: int | None = -1) -> bytes:
         with self._lock:
             self.file.seek(self._at())
             data = self.file.read(-1 if size is None else size)
-            self._positions[getcurrent()] = self.file.tell()
+            self._positions[reader_key()] = self.file.tell()
         return data
 
     def readline(self, size: int | None = -1) -> bytes:
         with self._lock:
             self.file.seek(self._at())
             data = self.file.readline(-1 if size is None else size)
-            self._positions[getcurrent()] = self.file.tell()
+            self._positions[reader_key()] = self.file.tell()
         return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -654,7 +662,7 @@ class SharedFile(_Readable):
             offset += self._at()
         elif whence == io.SEEK_END:
             offset += self.file.seek(0, io.SEEK_END)
-        self._positions[getcurrent()] = offset
+        self._positions[reader_key()] = offset
         return offset
 
     def tell(self) -> int:

@@ -7,6 +7,12 @@ instead, naming the request (method and path) and the user's spawn line —
 once, not twice. Other greenlets, and system errors, go to gevent as before.
 The hook uses gevent's documented per-hub ``handle_error`` override.
 
+A ThreadPool task's error reaches the hub as ``(worker, function)``, which
+does not tell which task failed (one worker runs task after task, and the
+report arrives after the worker moved on): the hook keeps it on the
+exception, and the task's hand-off reports it when it ends
+(:func:`report_task`), where the task is known.
+
 .. versionadded:: 0.1
 """
 
@@ -44,9 +50,13 @@ def install(hub: t.Any = None) -> None:
             type_, hub.SYSTEM_ERROR + hub.NOT_ERROR
         ):
             child = context
-            if isinstance(context, tuple) and len(context) == 2:
-                # A ThreadPool task: gevent reports it as (worker, task).
-                child = getattr(context[1], "handoff", None) or context
+            if isinstance(context, tuple) and len(context) == 2 and getattr(context[0], "geventctx_worker", False):
+                # A geventctx ThreadPool task: its hand-off reports it.
+                try:
+                    setattr(value, _DEFERRED, (original, context, type_, tb))
+                    return
+                except Exception:  # an exception type without attributes
+                    pass
             entry = registry._live.get(id(child))
             if (
                 entry is not None
@@ -75,3 +85,36 @@ def install(hub: t.Any = None) -> None:
 
     hub.handle_error = handle_error
     setattr(hub, _MARK, True)
+
+
+#: Attribute of a ThreadPool task's exception held back for its hand-off.
+_DEFERRED = "_geventctx_task_error"
+
+
+def report_task(entry: t.Any, error: BaseException) -> None:
+    """A ThreadPool task ended with ``error``: log it once with its request
+    and spawn site, or hand it to gevent's own ``handle_error``."""
+    deferred = getattr(error, _DEFERRED, None)
+    if deferred is None:
+        return  # not held back: gevent (or the hook) reported it already
+    try:
+        delattr(error, _DEFERRED)
+    except AttributeError:
+        pass
+    original, context, type_, tb = deferred
+    scope = entry[2]
+    if scope is not None and not scope.extras.get(OPT_OUT) and not getattr(error, _LOGGED, False):
+        try:
+            setattr(error, _LOGGED, True)
+        except Exception:
+            pass
+        function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
+        log.error(
+            "child %s of request %s (spawned at %s) failed",
+            function,
+            scope.label,
+            format_site(entry[4]),
+            exc_info=(type_, error, tb),
+        )
+        return
+    original(context, type_, error, tb)

@@ -26,7 +26,7 @@ from contextvars import Context, copy_context
 import gevent
 from greenlet import getcurrent, greenlet
 
-from . import registry
+from . import errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import _INTERNAL_DIRS, Site, format_site, site_of
 from .errors import LateEffectWarning
@@ -121,6 +121,12 @@ def _finished(child: gevent.Greenlet) -> None:
     # raised, was killed, or was killed before it ever ran).
     entry = _pop(id(child), None)
     if entry is not None:
+        if not isinstance(child, greenlet):
+            # A ThreadPool task (its AsyncResult): its error, held back by
+            # the error log, is reported here, where the task is known.
+            error = child.exception
+            if error is not None:
+                errorlog.report_task(entry, error)
         scope = entry[2]
         if scope is not None:
             scope.children.pop(id(child), None)

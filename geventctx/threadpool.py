@@ -1,15 +1,24 @@
 """A gevent ThreadPool whose tasks run in their caller's context.
 
-``gevent.threadpool.ThreadPool`` runs functions in native threads. This
-subclass runs each task in a fresh copy of the context of the call that
-submitted it, in a greenlet of its own in the worker thread, so the task sees
-the request (``request``, ``g``, ``session``) and every contextvar, and a
-worker thread never keeps a previous task's context or state: the thread's
-own context is never touched, and what is kept per greenlet (a reader's
-position in the shared body or in an upload) is the task's. A task
-submitted during a request holds the request until it ends, like any
-hand-off, and reads the request's shared body: a thread that asks for a body
-not yet read has the request's own hub read it, and waits.
+The rule: a task runs exactly as under gevent's own ThreadPool — in the
+worker thread's gevent worker greenlet, the callable itself handed to
+gevent's per-task hooks (profile, trace) — except that for the task's
+duration the worker greenlet runs in a fresh copy of the context of the call
+that submitted it (``copy_context()`` at ``spawn``), restored afterwards. So
+the task sees the request (``request``, ``g``, ``session``) and every
+contextvar, and the worker keeps nothing of one task's context for the next;
+what gevent keys on the worker greenlet (monkey-patched ``threading.local``,
+``threading.current_thread()``, logging's thread name) stays the worker's,
+as with gevent. A position in the request's shared body is kept per task
+(the worker gets a fresh reader key per task). A task submitted during a
+request holds the request until it ends, like any hand-off, and reads the
+request's shared body: a thread that asks for a body not yet read has the
+request's own hub read it, and waits. ``apply_cb`` runs its callback
+synchronously in the caller, as gevent's does. A task's exception is logged
+once, by its hand-off, with its request and spawn site (G11).
+
+.. versionchanged:: 0.2
+    Tasks run in gevent's worker greenlet, not in a greenlet of their own.
 
 .. versionadded:: 0.1
 """
@@ -18,12 +27,10 @@ from __future__ import annotations
 
 import sys
 import typing as t
-from contextvars import Context, copy_context
+from contextvars import copy_context
 
 import gevent.threadpool
-from gevent._hub_local import get_hub_if_exists
 from gevent.event import AsyncResult
-from greenlet import getcurrent, greenlet
 
 from .handoff import bind, caller_site, pin_current_scope
 from .pool import _ContextMappingMixin
@@ -31,9 +38,52 @@ from .pool import _ContextMappingMixin
 __all__ = ["ThreadPool"]
 
 _getframe = sys._getframe
+#: gevent's classes, kept: a test harness may replace the module's attribute
+#: with this subclass.
+_GeventThreadPool = gevent.threadpool.ThreadPool
+_GeventWorker = _GeventThreadPool._WorkerGreenlet
+
+#: The keyword that carries a task's context through gevent's task queue to
+#: its worker (taken out again before the callable is called).
+_CONTEXT = "__geventctx_context__"
 
 
-class ThreadPool(_ContextMappingMixin, gevent.threadpool.ThreadPool):
+class TaskReader:
+    """The key of one task's readers (positions in a shared body)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _Worker(_GeventWorker):  # type: ignore[misc,valid-type]
+    """gevent's worker greenlet, entering each task's context for its run."""
+
+    #: Marks the worker for the error log (see geventctx.errorlog).
+    geventctx_worker = True
+    _geventctx_saved: t.Any = None
+    #: This task's reader key, or None between tasks.
+    geventctx_reader: TaskReader | None = None
+
+    def _before_run_task(self, func: t.Any, args: t.Any, kwargs: t.Any, thread_result: t.Any, *more: t.Any,
+                         **options: t.Any) -> None:
+        context = kwargs.pop(_CONTEXT, None) if type(kwargs) is dict else None
+        if context is not None:
+            self._geventctx_saved = self.gr_context  # type: ignore[has-type]
+            self.geventctx_reader = TaskReader()
+            self.gr_context = context  # the running greenlet: takes effect now
+        _GeventWorker._before_run_task(self, func, args, kwargs, thread_result, *more, **options)
+
+    def _after_run_task(self, func: t.Any, args: t.Any, kwargs: t.Any, thread_result: t.Any, *more: t.Any,
+                        **options: t.Any) -> None:
+        try:
+            _GeventWorker._after_run_task(self, func, args, kwargs, thread_result, *more, **options)
+        finally:
+            if self.geventctx_reader is not None:
+                self.gr_context = self._geventctx_saved
+                self._geventctx_saved = None
+                self.geventctx_reader = None
+
+
+class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,valid-type]
     """A :class:`gevent.threadpool.ThreadPool` that carries the caller's context.
 
     ``spawn``, ``apply``, ``apply_async``, ``apply_cb``, ``map``,
@@ -43,53 +93,24 @@ class ThreadPool(_ContextMappingMixin, gevent.threadpool.ThreadPool):
     .. versionadded:: 0.1
     """
 
+    _WorkerGreenlet = _Worker
+    # gevent's ThreadPool calls apply_cb's callback synchronously, in the
+    # caller (the pool mixin's would spawn it).
+    _apply_async_cb_spawn = _GeventThreadPool._apply_async_cb_spawn
+
     def spawn(self, func: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> AsyncResult:
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
         context = copy_context()
         scope = pin_current_scope(site)
-        task = _ThreadTask()
+        task_kwargs = dict(kwargs)
+        task_kwargs[_CONTEXT] = context
         try:
-            result = gevent.threadpool.ThreadPool.spawn(self, task, context, func, args, kwargs)
+            result = _GeventThreadPool.spawn(self, func, *args, **task_kwargs)
         except BaseException:
             if scope is not None:
                 scope.release()
             raise
-        # gevent reports a failed task to the hub as (worker, task): this is
-        # how geventctx's error log finds the hand-off, its request and site.
-        task.handoff = result
         bind(result, context, scope, site, func)
         return result
-
-
-class _ThreadTask:
-    """What a worker thread runs for one task (one object per task)."""
-
-    __slots__ = ("handoff",)
-
-    def __init__(self) -> None:
-        self.handoff: AsyncResult | None = None
-
-    def __call__(self, context: Context, func: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> t.Any:
-        return _run_task(context, func, args, kwargs)
-
-
-def _run_task(context: Context, func: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> t.Any:
-    # In the worker thread. The task runs in a greenlet of its own, in its
-    # context: what is kept per greenlet (a reader's position in the shared
-    # body or in an uploaded file, a lock's owner) then belongs to this task,
-    # not to the worker thread that runs one task after another, and the
-    # worker's own context is never touched.
-    task = greenlet(func)
-    task.gr_context = context
-    worker = getcurrent()
-    hub = get_hub_if_exists()  # a thread's hub exists if a task made one
-    if hub is not None:
-        hub.parent = task  # its errors (LoopExit) go to the running task
-    try:
-        return task.switch(*args, **kwargs)
-    finally:
-        hub = get_hub_if_exists()
-        if hub is not None and hub.parent is not worker:
-            hub.parent = worker

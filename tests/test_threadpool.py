@@ -459,3 +459,77 @@ def test_a_failing_thread_task_is_logged_once_with_request_and_site(serve, pools
     assert "GET /explode" in message and f"{__file__}:{line}" in message and "explode" in message
     assert records[0].exc_info[0] is KeyError
     assert "KeyError" not in capfd.readouterr().err  # not printed by gevent a second time
+
+
+# -- a drop-in for gevent's ThreadPool (gevent's own tests are the judge too:
+#    make test-gevent-suite) ------------------------------------------------------
+
+
+def test_tasks_run_in_gevents_worker_greenlet_and_keep_its_thread_local_state(pools):
+    # gevent runs every task of a worker in that worker's greenlet: what is
+    # kept per greenlet (a monkey-patched threading.local, a per-thread
+    # connection cache) survives from one task to the next, as with gevent.
+    from greenlet import getcurrent
+
+    pool = pools(1)
+    cache = threading.local()
+
+    def task() -> tuple[t.Any, int]:
+        cache.count = getattr(cache, "count", 0) + 1
+        return getcurrent(), cache.count
+
+    token = user.set("ann")
+    try:
+        first, second = pool.apply(task), pool.apply(task)
+    finally:
+        user.reset(token)
+    assert isinstance(first[0], gevent.threadpool.ThreadPool._WorkerGreenlet)
+    assert first[0] is second[0]
+    assert (first[1], second[1]) == (1, 2)
+
+
+def test_each_task_runs_in_its_callers_context_and_the_worker_gets_its_own_back(pools):
+    pool = pools(1)
+
+    def read_then_write() -> t.Any:
+        seen = user.get()
+        user.set("written by the task")
+        return seen
+
+    token = user.set("first")
+    try:
+        assert pool.apply(read_then_write) == "first"
+    finally:
+        user.reset(token)
+    assert pool.apply(read_then_write) is None  # nothing of the first task's context
+    assert user.get() is None  # nor reached the caller
+
+
+def test_apply_cb_runs_the_callback_synchronously_like_gevent(pools):
+    pool = pools(1)
+    seen: list[t.Any] = []
+    token = user.set("caller")
+    try:
+        result = pool.apply_cb(lambda: 6 * 7, callback=lambda value: seen.append((value, user.get())))
+    finally:
+        user.reset(token)
+    assert result == 42
+    assert seen == [(42, "caller")]  # before apply_cb returned, in the caller's context
+
+
+def test_two_tasks_of_one_request_on_one_worker_each_read_the_stream_from_the_start(serve, pools):
+    app = Flask("one_worker_stream")
+    GeventContext(app)
+    pool = pools(1)
+
+    @app.post("/twice")
+    def twice() -> dict[str, str]:
+        def read() -> str:
+            return sha(request.stream.read())
+
+        return {"first": pool.apply(read), "second": pool.apply(read)}
+
+    body = b"x" * 5000
+    response = serve(app).request("POST", "/twice", body=body)
+    assert response.status == 200
+    assert response.json() == {"first": sha(body), "second": sha(body)}
