@@ -34,9 +34,9 @@ from contextvars import Context, copy_context
 import gevent
 from gevent.event import Event
 
-from . import handoff
+from . import _threads, handoff
 from ._site import Site, site_of
-from .scope import Scope
+from .scope import _SCOPE, Scope
 
 __all__ = ["Executor", "Future"]
 
@@ -136,10 +136,16 @@ class Executor(concurrent.futures.Executor):
         self._idle = Event()
         self._idle.set()
         self._shutdown = False
+        self._thread = _threads.get_ident()
 
     def submit(self, fn: t.Callable[..., T], /, *args: t.Any, **kwargs: t.Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns its :class:`Future`."""
-        return self._submit(site_of(_getframe(1)), fn, args, kwargs)
+        site = site_of(_getframe(1))
+        scope = _SCOPE.get()
+        if scope is not None and self._thread == scope.thread != _threads.get_ident():
+            # In a ThreadPool task of the request: submitted on its hub.
+            return _threads.on_owner_hub(scope.hub, self._submit, site, fn, args, kwargs)
+        return self._submit(site, fn, args, kwargs)
 
     def _submit(
         self, site: Site | None, fn: t.Callable[..., t.Any], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]

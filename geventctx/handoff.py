@@ -26,7 +26,7 @@ from contextvars import Context, copy_context
 import gevent
 from greenlet import getcurrent, greenlet
 
-from . import errorlog, registry
+from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import _INTERNAL_DIRS, Site, format_site, site_of
 from .errors import LateEffectWarning
@@ -42,6 +42,7 @@ _live = registry._live
 _pop = _live.pop
 _ref = weakref.ref
 _monotonic = time.monotonic
+_get_ident = _threads.get_ident
 
 
 def _late(scope: Scope, site: Site | None) -> None:
@@ -188,20 +189,43 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     """
     # attach(), with the common case of the site lookup inlined: this is
     # the hot path measured by the P1 budget.
-    child = _Spawned(function, *args, **kwargs)
     frame = _getframe(1)
     filename = frame.f_code.co_filename
     if filename.startswith(_INTERNAL_DIRS):
         site = caller_site(frame)
     else:
         site = (filename, frame.f_lineno)
+    current = _SCOPE.get()
+    if current is not None and current.thread != _get_ident():
+        # In another thread (a ThreadPool task): made on the request's hub.
+        return _threads.on_owner_hub(current.hub, _spawn_at, site, function, args, kwargs)
+    child = _Spawned(function, *args, **kwargs)
     scope = pin_current_scope(site)
+    if scope is None:
+        _note_thread_child(child)
     # bind(), inlined too (a greenlet: no isinstance test needed).
     child.gr_context = copy_context()
     record = _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
     if scope is not None:
         scope.children[id(child)] = record
     child.rawlink(_finished)
+    _base_start(child)
+    return child
+
+
+def _note_thread_child(child: gevent.Greenlet) -> None:
+    # Outside a request, in a geventctx ThreadPool task: the worker checks
+    # at the task's end that the child could run (its hub runs only while
+    # the task waits on it).
+    orphans = getattr(getcurrent(), "geventctx_children", None)
+    if orphans is not None:
+        orphans.append(child)
+
+
+def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> Greenlet:
+    # spawn(), on the request's hub, for a thread that handed it over.
+    child = _Spawned(function, *args, **kwargs)
+    bind(child, copy_context(), pin_current_scope(site), site, function)
     _base_start(child)
     return child
 

@@ -19,12 +19,17 @@ import typing as t
 import gevent.pool
 from gevent._imap import IMap, IMapUnordered
 
+from . import _threads
 from ._site import site_of
-from .handoff import Greenlet, _base_start, attach
+from .handoff import Greenlet, _base_start, attach, caller_site
+from .scope import _SCOPE
 
 __all__ = ["Group", "Pool"]
 
 _getframe = sys._getframe
+_get_ident = _threads.get_ident
+_GeventGroup = gevent.pool.Group
+_GeventPool = gevent.pool.Pool
 T = t.TypeVar("T")
 
 
@@ -129,7 +134,29 @@ class _ContextMappingMixin:
         runner.start()
 
 
-class Group(_ContextMappingMixin, gevent.pool.Group):
+class _HandOverMixin:
+    """``spawn`` from another thread than the pool's — in a ThreadPool task of
+    a request — is handed over to the request's hub (:mod:`geventctx._threads`)."""
+
+    #: The thread the pool was made in (set by the classes' __init__).
+    _geventctx_thread: int | None = None
+
+    def spawn(self, *args: t.Any, **kwargs: t.Any) -> Greenlet:
+        scope = _SCOPE.get()
+        if scope is not None and scope.thread != _get_ident() and self._geventctx_thread == scope.thread:
+            site = caller_site(_getframe(1))
+            return _threads.on_owner_hub(scope.hub, self._spawn_handed_over, site, args, kwargs)
+        return super().spawn(*args, **kwargs)  # type: ignore[misc,no-any-return]
+
+    def _spawn_handed_over(self, site: t.Any, args: t.Any, kwargs: t.Any) -> Greenlet:
+        child = Greenlet(*args, **kwargs)
+        child._geventctx_attached = True
+        attach(child, site, getattr(child, "_run", None))
+        self.start(child)  # type: ignore[attr-defined]
+        return child
+
+
+class Group(_HandOverMixin, _ContextMappingMixin, _GeventGroup):  # type: ignore[misc,valid-type]
     """A :class:`gevent.pool.Group` whose greenlets run in the caller's context.
 
     ``spawn``, ``apply``, ``apply_async``, ``apply_cb``, ``map``,
@@ -139,8 +166,13 @@ class Group(_ContextMappingMixin, gevent.pool.Group):
     .. versionadded:: 0.1
     """
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        # gevent's own base, named: a harness may rebind gevent.pool.Group.
+        _GeventGroup.__init__(self, *args, **kwargs)
+        self._geventctx_thread = _get_ident()
 
-class Pool(_ContextMappingMixin, gevent.pool.Pool):
+
+class Pool(_HandOverMixin, _ContextMappingMixin, _GeventPool):  # type: ignore[misc,valid-type]
     """A :class:`gevent.pool.Pool` whose greenlets run in the caller's context.
 
     When the pool is full, ``spawn`` waits for a free slot (backpressure) and
@@ -148,3 +180,7 @@ class Pool(_ContextMappingMixin, gevent.pool.Pool):
 
     .. versionadded:: 0.1
     """
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        _GeventPool.__init__(self, *args, **kwargs)
+        self._geventctx_thread = _get_ident()

@@ -12,8 +12,9 @@ teardown. A step runs holding the scope and with the scope current, so a
 hand-off made by a teardown function holds the request too: the next step
 waits for it.
 
-A scope belongs to the thread (and so the gevent hub) that created it; acquire
-and release it from greenlets of that hub only.
+A scope belongs to the thread (and so the gevent hub) that created it; it is
+acquired and released from greenlets of that hub only: a hand-off made in
+another thread is handed over to that hub (:mod:`geventctx._threads`).
 
 .. versionadded:: 0.1
 """
@@ -27,10 +28,12 @@ import weakref
 from contextvars import Context, ContextVar, Token
 
 import gevent
+from gevent import get_hub
 from gevent.event import Event
 from gevent.hub import Hub
 from greenlet import getcurrent
 
+from ._threads import get_ident as _get_ident
 from .isolation import RequestContext
 
 __all__ = ["Scope", "current_scope"]
@@ -80,6 +83,8 @@ class Scope:
         "_running",
         "children",
         "nested",
+        "thread",
+        "hub",
         "__weakref__",
     )
 
@@ -88,6 +93,10 @@ class Scope:
         #: The Context the scope's steps run in: the request's own (by
         #: default the running one, where an adapter makes the scope).
         self.home = home if home is not None else RequestContext.current()
+        #: The thread and hub the scope belongs to: it changes only there
+        #: (hand-offs from other threads are handed over, see _threads).
+        self.thread = _get_ident()
+        self.hub = get_hub()
         self._running = False
         #: The registry entries of the running hand-offs holding this scope,
         #: by ``id`` of the child: the scope's own, for O(own) look-ups.

@@ -25,17 +25,22 @@ once, by its hand-off, with its request and spawn site (G11).
 
 from __future__ import annotations
 
+import logging
 import sys
 import typing as t
 from contextvars import copy_context
 
 import gevent.threadpool
 from gevent.event import AsyncResult
+from greenlet import greenlet
 
+from . import registry
 from .handoff import bind, caller_site, pin_current_scope
 from .pool import _ContextMappingMixin
 
 __all__ = ["ThreadPool"]
+
+log = logging.getLogger("geventctx")
 
 _getframe = sys._getframe
 #: gevent's classes, kept: a test harness may replace the module's attribute
@@ -62,6 +67,8 @@ class _Worker(_GeventWorker):  # type: ignore[misc,valid-type]
     _geventctx_saved: t.Any = None
     #: This task's reader key, or None between tasks.
     geventctx_reader: TaskReader | None = None
+    #: Children geventctx.spawn started in this task outside a request.
+    geventctx_children: list[t.Any] | None = None
 
     def _before_run_task(self, func: t.Any, args: t.Any, kwargs: t.Any, thread_result: t.Any, *more: t.Any,
                          **options: t.Any) -> None:
@@ -69,6 +76,7 @@ class _Worker(_GeventWorker):  # type: ignore[misc,valid-type]
         if context is not None:
             self._geventctx_saved = self.gr_context  # type: ignore[has-type]
             self.geventctx_reader = TaskReader()
+            self.geventctx_children = []
             self.gr_context = context  # the running greenlet: takes effect now
         _GeventWorker._before_run_task(self, func, args, kwargs, thread_result, *more, **options)
 
@@ -77,10 +85,39 @@ class _Worker(_GeventWorker):  # type: ignore[misc,valid-type]
         try:
             _GeventWorker._after_run_task(self, func, args, kwargs, thread_result, *more, **options)
         finally:
+            children, self.geventctx_children = self.geventctx_children, None
+            if children:
+                _stranded(func, children)
             if self.geventctx_reader is not None:
                 self.gr_context = self._geventctx_saved
                 self._geventctx_saved = None
                 self.geventctx_reader = None
+
+
+def _stranded(func: t.Any, children: list[t.Any]) -> None:
+    """Children a task spawned outside a request that had not ended when it
+    returned: the worker thread's hub runs only while a task waits on it, so
+    they cannot run. Say so, cancel those that never started (and drop
+    their registry records, which their links, in this hub, cannot)."""
+    from .handoff import _finished
+
+    left = [child for child in children if not child.dead]
+    if not left:
+        return
+    name = getattr(func, "__qualname__", None) or repr(func)
+    for child in left:
+        record = registry.record_of(child)
+        log.error(
+            "geventctx.spawn at %s in ThreadPool task %s outside a request: the task returned before the "
+            "child ended, and a worker thread's hub runs only while a task waits on it (join the child in "
+            "the task, or spawn from the hub's thread); %s",
+            record.spawn_site if record is not None else "?",
+            name,
+            "it is stuck" if greenlet.__bool__(child) else "cancelled before it ran",
+        )
+        if not greenlet.__bool__(child):  # never switched to: cancel its start
+            child.kill(block=False)
+            _finished(child)
 
 
 class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,valid-type]

@@ -533,3 +533,65 @@ def test_two_tasks_of_one_request_on_one_worker_each_read_the_stream_from_the_st
     response = serve(app).request("POST", "/twice", body=body)
     assert response.status == 200
     assert response.json() == {"first": sha(body), "second": sha(body)}
+
+
+# -- hand-offs made inside thread tasks -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["spawn", "pool", "executor"])
+def test_a_hand_off_made_in_a_thread_task_runs_on_the_requests_hub_and_holds_it(serve, pools, kind):
+    app = Flask(f"grandchild_{kind}")
+    GeventContext(app)
+    pool = pools(1)
+    events: list[t.Any] = []
+    release = gevent.event.Event()
+
+    @app.teardown_appcontext
+    def teardown(exc: BaseException | None) -> None:
+        events.append(("teardown", g.get("marker")))
+
+    def grandchild() -> None:
+        release.wait(WAIT)
+        events.append(("grandchild", g.marker, threading.get_ident() == HUB_THREAD))
+
+    @app.get("/nested")
+    def nested() -> str:
+        g.marker = "view-g"
+        greenlets = geventctx.Pool(2)
+        executor = geventctx.Executor()
+
+        def task() -> str:
+            if kind == "spawn":
+                geventctx.spawn(grandchild)
+            elif kind == "pool":
+                greenlets.spawn(grandchild)
+            else:
+                executor.submit(grandchild)
+            return "handed over"
+
+        return pool.apply(task)
+
+    response = serve(app).request("GET", "/nested")
+    assert response.status == 200 and response.body == b"handed over"
+    settle()
+    assert events == []  # the grandchild holds the request
+    release.set()
+    wait_for(lambda: len(events) == 2, WAIT, "the grandchild, then teardown")
+    assert events == [("grandchild", "view-g", True), ("teardown", "view-g")]
+
+
+def test_a_child_spawned_in_a_task_outside_a_request_that_cannot_run_is_reported_and_cancelled(pools, caplog):
+    pool = pools(1)
+    ran: list[int] = []
+
+    def task() -> str:
+        geventctx.spawn(ran.append, 1)  # STRANDED
+        return "returned"
+
+    with caplog.at_level(logging.ERROR, logger="geventctx"):
+        assert pool.apply(task) == "returned"
+        assert pool.apply(lambda: geventctx.spawn(lambda: 5).get()) == 5  # joined in the task: fine
+    assert ran == []
+    (record,) = [r for r in caplog.records if "ThreadPool task" in r.getMessage()]
+    assert "cancelled before it ran" in record.getMessage()
+    assert registry.live() == []
