@@ -15,6 +15,9 @@ The package imports without Flask; the Flask extension lives in
 
 from __future__ import annotations
 
+import sys as _sys
+import typing as _t
+
 from . import registry
 from .errors import (
     BodyReadError,
@@ -27,10 +30,17 @@ from .errors import (
 )
 from .executor import Executor, Future
 from .handoff import Greenlet, spawn, spawn_later
-from .patch import is_patched, patch, unpatch
+from .patch import is_patched, unpatch
 from .pool import Group, Pool
 from .scope import Scope, current_scope
 from .threadpool import ThreadPool
+
+if _t.TYPE_CHECKING:
+    from .patch import patch
+else:
+    # The module itself, callable as patch(): ``import geventctx.patch as m``
+    # gives the module, ``geventctx.patch()`` patches.
+    patch = _sys.modules[__name__ + ".patch"]
 
 __version__ = "0.1.0"
 

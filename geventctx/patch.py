@@ -10,16 +10,38 @@ This is visibility only: a patched plain spawn does not hold the request
 scope, so the request may be torn down while it still runs. Use
 :func:`geventctx.spawn` (or the pools) for work that uses the request.
 
+The rule for the hub: a greenlet started from the hub itself — a server's
+accept callback starting a connection handler, a timer, a link callback —
+gets an empty context, never the hub's: a context variable set while
+running in the hub would otherwise reach every later, unrelated
+connection.
+
+Threads: gevent iterates its set of spawn callbacks without a lock, so the
+callback is added once, on the first :func:`patch`, and never removed;
+:func:`patch` and :func:`unpatch` only flip a flag it reads. They are safe
+against spawns in other threads.
+
+``geventctx.patch`` is this module, callable: ``geventctx.patch()`` patches,
+and ``import geventctx.patch as m`` gives the module.
+
+.. versionchanged:: 0.2
+    Greenlets started from the hub get an empty context; patch/unpatch
+    flip a flag instead of changing gevent's callback set.
+
 .. versionadded:: 0.1
 """
 
 from __future__ import annotations
 
 import os
-from contextvars import copy_context
+import sys
+import types
+from contextvars import Context, copy_context
 
 import gevent
+from gevent.hub import Hub
 from gevent.monkey import get_original
+from greenlet import getcurrent
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -27,12 +49,15 @@ __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 ENV_VAR = "GEVENTCTX_PATCH"
 
 _lock = get_original("_thread", "allocate_lock")()
+#: On while patched: the one permanent spawn callback reads it.
 _patched = False
+_registered = False
 
 
 def _inherit(child: gevent.Greenlet) -> None:
-    if child.gr_context is None:
-        child.gr_context = copy_context()
+    if _patched and child.gr_context is None:
+        # From the hub: an empty context, never the hub's own.
+        child.gr_context = Context() if isinstance(getcurrent(), Hub) else copy_context()
 
 
 def patch() -> None:
@@ -40,20 +65,19 @@ def patch() -> None:
 
     Idempotent and thread-safe; safe to call at import time.
     """
-    global _patched
+    global _patched, _registered
     with _lock:
-        if not _patched:
+        if not _registered:
             gevent.Greenlet.add_spawn_callback(_inherit)
-            _patched = True
+            _registered = True
+        _patched = True
 
 
 def unpatch() -> None:
     """Undo :func:`patch`; greenlets already started keep their context."""
     global _patched
     with _lock:
-        if _patched:
-            gevent.Greenlet.remove_spawn_callback(_inherit)
-            _patched = False
+        _patched = False
 
 
 def is_patched() -> bool:
@@ -65,3 +89,13 @@ def _on_patch_all(event: object = None) -> None:
     """gevent plugin hook: patch when :data:`ENV_VAR` asks for it."""
     if os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
         patch()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`patch` (``geventctx.patch()``)."""
+
+    def __call__(self) -> None:
+        patch()
+
+
+sys.modules[__name__].__class__ = _CallableModule

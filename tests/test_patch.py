@@ -106,3 +106,62 @@ def test_patch_from_many_threads_at_once():
     assert geventctx.is_patched()
     geventctx.unpatch()  # one unpatch undoes it: the callback was added once
     assert in_context("alice", lambda: gevent.spawn(user.get).get()) is None
+
+
+def test_a_greenlet_started_from_the_hub_never_gets_the_hubs_context(patched, serve):
+    # A context variable set while the hub runs (a callback, a timer, a link)
+    # must not reach a connection handler the server starts from the hub.
+    from flask import Flask
+    from httpkit import request as http_request
+
+    app = Flask("hub_bleed")
+
+    @app.get("/who")
+    def who() -> str:
+        return str(user.get())
+
+    server = serve(app)
+    hub = gevent.get_hub()
+    hub.loop.run_callback(user.set, "alice")  # runs in the hub, in its context
+    gevent.sleep(0)
+    assert hub.gr_context is not None and hub.gr_context.get(user) == "alice"
+    response = http_request(server.port, "GET", "/who")  # a fresh connection
+    assert response is not None and response.body == b"None"
+    hub.gr_context.run(user.set, None)
+
+
+def test_patch_and_unpatch_from_a_thread_never_break_spawns_elsewhere():
+    # gevent iterates its spawn callbacks without a lock: toggling them from
+    # another thread once raised "set changed size during iteration".
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def toggler() -> None:
+        while not stop.is_set():
+            geventctx.patch()
+            geventctx.unpatch()
+
+    thread = threading.Thread(target=toggler)
+    thread.start()
+    try:
+        for _ in range(400):
+            try:
+                gevent.joinall([gevent.spawn(int) for _ in range(100)])
+            except RuntimeError as exc:  # pragma: no cover - the bug
+                errors.append(exc)
+    finally:
+        stop.set()
+        thread.join(5)
+        geventctx.unpatch()
+    assert errors == []
+
+
+def test_the_patch_module_imports_as_a_module_and_still_patches_when_called():
+    import geventctx.patch as module
+
+    assert module.unpatch is geventctx.unpatch and callable(module.patch)
+    geventctx.patch()
+    try:
+        assert geventctx.is_patched()
+    finally:
+        module.unpatch()
