@@ -198,6 +198,8 @@ class SharedBody(_Reader):
         self.length = length
         self.timeout = timeout
         self._environ = environ if environ is not None else {}
+        #: True once end_response() finished (the connection was settled).
+        self._responded = False
         self._spool = Spool(memory_limit, directory)
         self._changes = Changes(owner)
         #: Largest body allowed, asked at the first read (MAX_CONTENT_LENGTH).
@@ -551,6 +553,8 @@ class SharedBody(_Reader):
             self._capturing = False
             if self.broken:
                 _servers.close_connection(self._environ, self.raw)
+            self._responded = True
+            self._forget_environ()
 
     def _stop_reading_ahead(self) -> None:
         # Nobody will read on: the server discards the rest itself. A read
@@ -585,6 +589,15 @@ class SharedBody(_Reader):
         self._spool.close()
         self._stop_reading_ahead()  # nobody can want the bytes any more
         self._changes.notify()
+        self._forget_environ()
+
+    def _forget_environ(self) -> None:
+        # Once released and past the response, the body needs the environ
+        # no more: dropping it breaks the environ <-> body reference cycle,
+        # so the request is freed at once, not by the garbage collector.
+        if self._responded and self._spool.closed:
+            self._environ = {}
+            self.owner = None
 
     def __repr__(self) -> str:
         spool = self._spool

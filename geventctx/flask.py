@@ -241,6 +241,10 @@ class GeventContext:
         app_ctx = compat.app_ctx_of_request(ctx)
         if app_ctx is not None:
             app_ctx._geventctx_scope = scope
+        else:
+            # An app context was active already: Flask's pop of the request
+            # ends with request.close().
+            _end_of(scope).last = "request_close"
         # A deferred teardown step runs with these current again.
         scope.extras["contexts"] = compat.contexts(ctx)
         scope.extras["config"] = config
@@ -308,15 +312,18 @@ class GeventContext:
     # -- teardown, deferred until the last child ends -------------------------------
     #
     # The rule: Flask's teardown calls for a managed request become steps of
-    # its scope, deferred once each (teardown_request, request.close(),
-    # teardown_appcontext; then the response's close()), run in Flask's
-    # order when the request and its children are done. The request itself
-    # ends at Flask's last pop of its contexts — for a stream_with_context
+    # its scope (teardown_request, request.close(), teardown_appcontext;
+    # then the response's close()), taken over once each and run in Flask's
+    # order when the request and its children are done, with the exception
+    # Flask settled on. The request itself ends at the last teardown call of
+    # Flask's last pop of its contexts (teardown_appcontext of the app
+    # context it pushed, else request.close()) — for a stream_with_context
     # response at the stream's end — or at the latest when the response is
-    # closed. A call that comes from the stream's own pop is not run again
-    # (Flask 3.1.2-3.1.3 would run teardown twice); a call after the
-    # request's teardown ran (the test client popping the contexts it
-    # preserved, at the end of ``with client:``) runs, as without geventctx.
+    # closed. A call from the stream's own pop is the same end (Flask
+    # 3.1.2-3.1.3 would run teardown twice): it only hands over the stream's
+    # exception. Any other repeat — the test client popping the contexts it
+    # preserved, at the end of ``with client:`` — runs as without geventctx,
+    # after the request's own teardown.
 
     def _teardown_request(
         self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
@@ -328,31 +335,14 @@ class GeventContext:
         if scope is None:
             original(*args, **kwargs)  # not a managed request: Flask's own call
             return
-        if scope.done:
-            if _repeat_after_done(scope, "teardown_request"):
-                original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
-            return
-        if exc is compat.MISSING:
-            exc = compat.exception_in_flight()
-        state = scope.extras
-        response = state.get("response")
-        end = _end_of(scope)
-        if "teardown_request" not in end.handled:
-            end.handled.add("teardown_request")
-            state["after_request"].sealed = True
+        if not scope.done and "teardown_request" not in _end_of(scope).steps:
+            scope.extras["after_request"].sealed = True
             body = ctx.request.environ.get(ENVIRON_BODY)
             if isinstance(body, SharedBody):
                 # request.max_content_length needs the request's context,
                 # which a capture after the response no longer has.
                 body.settle_limits()
-            scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
-            if compat.stream_pending(response):
-                return  # the stream continues the request: it ends there
-        elif scope.owner_done and not end.stream_popping():
-            original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
-            return
-        if not scope.owner_done:
-            _end_owner(scope, app.config)
+        _take_over(scope, "teardown_request", original, args, kwargs, exc)
 
     def _teardown_appctx(
         self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
@@ -363,17 +353,73 @@ class GeventContext:
         if scope is None:
             original(*args, **kwargs)
             return
-        if scope.done:
-            if _repeat_after_done(scope, "teardown_appcontext"):
-                original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
-            return
-        if exc is compat.MISSING:
-            exc = compat.exception_in_flight()
-        state = scope.extras
-        end = _end_of(scope)
-        if "teardown_appcontext" not in end.handled:
-            end.handled.add("teardown_appcontext")
-            scope.defer(compat.run_in_contexts, state["contexts"], original, *_with_exc(args, exc))
+        _take_over(scope, "teardown_appcontext", original, args, kwargs, exc)
+
+
+class _Step:
+    """One teardown call of Flask's, deferred: run once, in the request's
+    contexts, with the exception it settled on (a stream's pop may still
+    hand over its own)."""
+
+    __slots__ = ("saved", "function", "args", "exc", "ran")
+
+    def __init__(self, saved: t.Any, function: t.Callable[..., t.Any], args: tuple[t.Any, ...], exc: t.Any) -> None:
+        self.saved = saved
+        self.function = function
+        self.args = args
+        self.exc = exc
+        self.ran = False
+
+    def __call__(self) -> None:
+        self.ran = True
+        try:
+            compat.run_in_contexts(self.saved, self.function, *_with_exc(self.args, self.exc))
+        finally:
+            # Ran: keep nothing of the request (the scope's record of its
+            # steps outlives it by a little: no reference cycle through it).
+            self.saved = self.exc = None
+            self.function = _ran
+            self.args = ()
+
+
+def _ran(*_: t.Any) -> None:
+    """What a :class:`_Step` keeps of its function once it ran."""
+
+
+def _take_over(
+    scope: Scope, kind: str, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any],
+    exc: t.Any,
+) -> None:
+    """A teardown call of ``kind`` for the managed request of ``scope``."""
+    end = _end_of(scope)
+    step = end.steps.get(kind)
+    if step is None and scope.done:
+        original(*args, **kwargs)  # the request's teardown ran: Flask's own call
+        return
+    if exc is compat.MISSING:
+        exc = compat.exception_in_flight()
+    if step is None:
+        step = end.steps[kind] = _Step(scope.extras["contexts"], original, args, exc)
+        scope.defer(step)
+    elif end.stream_popping():
+        if exc is not None and not step.ran:
+            step.exc = exc  # the stream's exception: what teardown gets
+    elif step.ran or scope.done:
+        original(*args, **kwargs)  # Flask's own repeat, after the request's teardown ran
+        return
+    else:
+        # Flask's own repeat before the request's teardown ran (children
+        # still run): it runs after it.
+        scope.defer(_Step(scope.extras["contexts"], original, args, exc))
+    if kind == end.last:
+        _maybe_end_owner(scope)
+
+
+def _maybe_end_owner(scope: Scope) -> None:
+    # The last teardown call of Flask's pop: the request itself is done,
+    # unless its stream_with_context stream is still to run.
+    if not scope.owner_done and not compat.stream_pending(scope.extras.get("response")):
+        _end_owner(scope, scope.extras["config"])
 
 
 def _with_exc(args: tuple[t.Any, ...], exc: t.Any) -> tuple[t.Any, ...]:
@@ -457,28 +503,30 @@ def _defer_request_close(request: t.Any) -> bool:
     """``request.close()`` of a managed request: a step of its scope, once
     for ever (Flask's pop calls it, and so does the pop of every copy made
     by ``copy_current_request_context``: the same request object)."""
-    state = request.__dict__
-    if state.get("_geventctx_close_deferred"):
-        return True
     scope: Scope | None = request.environ.get(_ENVIRON_FLASK_SCOPE)
-    if scope is None or scope.done:
-        return False
-    state["_geventctx_close_deferred"] = True
-    scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
+    state = request.__dict__
+    if not state.get("_geventctx_close_deferred"):
+        if scope is None or scope.done:
+            return False
+        state["_geventctx_close_deferred"] = True
+        scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
+    if scope is not None and _end_of(scope).last == "request_close":
+        _maybe_end_owner(scope)
     return True
 
 
 class _End:
-    """What the adapter remembers of a request until its scope is gone:
-    which teardown calls it took over, and its ``stream_with_context``
-    generator (weakly), whose own pops of the contexts are not calls to
-    repeat."""
+    """What the adapter remembers of a request until its scope is gone: the
+    teardown calls it took over, which call ends the request (``last``),
+    and its ``stream_with_context`` generator (weakly), whose own pops of
+    the contexts are the same end."""
 
-    __slots__ = ("handled", "stream")
+    __slots__ = ("steps", "stream", "last")
 
     def __init__(self) -> None:
-        self.handled: set[str] = set()
+        self.steps: dict[str, _Step] = {}
         self.stream: t.Any = None
+        self.last = "teardown_appcontext"
 
     def stream_popping(self) -> bool:
         stream = self.stream() if self.stream is not None else None
@@ -495,26 +543,19 @@ def _end_of(scope: Scope) -> _End:
     return end
 
 
-def _repeat_after_done(scope: Scope, kind: str) -> bool:
-    """A teardown call after the request's teardown ran: ``True`` if Flask's
-    own repeat (run it), ``False`` if the stream's pop of a step already
-    taken over (drop it)."""
-    end = _end_of(scope)
-    if end.stream_popping() and kind in end.handled:
-        return False
-    end.handled.add(kind)
-    return True
-
-
 def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
-    """The request itself is done (in its own Context): watch the children
-    that outlive it, release its hold (with no child, the teardown steps run
-    now) and leave the scope."""
-    stragglers.outliving_response(scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"])
+    """The request itself is done (in its own Context): release its hold
+    (with no child, the teardown steps run now, and what they raise is
+    raised here, as Flask's pop would), watch what outlives it, and leave
+    the scope."""
     token = scope.extras.pop("token", None)
     try:
         scope.finish()
     finally:
+        # After the finish: a child spawned by a teardown function counts.
+        stragglers.outliving_response(
+            scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
+        )
         if token is not None:
             Scope.exit(token)
 

@@ -85,6 +85,7 @@ class Scope:
         "nested",
         "thread",
         "hub",
+        "_raising",
         "__weakref__",
     )
 
@@ -98,6 +99,7 @@ class Scope:
         self.thread = _get_ident()
         self.hub = get_hub()
         self._running = False
+        self._raising = False
         #: The registry entries of the running hand-offs holding this scope,
         #: by ``id`` of the child: the scope's own, for O(own) look-ups.
         self.children: dict[int, t.Any] = {}
@@ -125,13 +127,14 @@ class Scope:
         _every_scope.add(self)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"holders={self._holders}"
+        holders = f"holders={self._holders}"
+        state = "done" if self._done else f"closing, {holders}" if self.closed else holders
         return f"<Scope {self.label!r} {state}>"
 
     @staticmethod
     def all_open() -> list[Scope]:
         """Every scope of this process that has not closed yet (for leak checks)."""
-        return [scope for scope in list(_every_scope) if not scope.closed]
+        return [scope for scope in list(_every_scope) if not scope.done]
 
     @property
     def holders(self) -> int:
@@ -185,7 +188,14 @@ class Scope:
         if self.owner_done_at is not None:
             return
         self.owner_done_at = time.monotonic()
-        self.release()
+        # Steps that run now, inside the request's own call, raise what
+        # they raise (after every step ran), as the framework's own
+        # teardown would; steps run later by a child's end are logged.
+        self._raising = True
+        try:
+            self.release()
+        finally:
+            self._raising = False
 
     @property
     def done(self) -> bool:
@@ -258,11 +268,13 @@ class Scope:
         # the next step waits for it (the last release resumes the loop).
         # Every step runs even if an earlier one raised anything (a
         # BaseException such as gevent.Timeout included); the first such
-        # exception is raised again once the steps ran.
+        # exception is raised again once the steps ran — and, for steps run
+        # inside the request's own finish(), the first Exception too.
         if self._running or self._done:
             return
         callbacks = self._callbacks
         interrupted: BaseException | None = None
+        raising = self._raising
         self._running = True
         try:
             while callbacks:
@@ -270,7 +282,10 @@ class Scope:
                 self._holders += 1
                 token = _SCOPE.set(self)
                 try:
-                    self._run_one(callback, args)
+                    if raising:
+                        callback(*args)
+                    else:
+                        self._run_one(callback, args)
                 except BaseException as exc:
                     interrupted = interrupted or exc
                 finally:

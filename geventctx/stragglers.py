@@ -45,13 +45,14 @@ def _entries(scope: Scope) -> list[registry.Entry]:
 
 
 def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None:
-    """The request itself has ended; watch children that outlive it.
+    """The request itself has ended (and released its hold); watch the
+    children that outlive it, if any still hold the scope.
 
-    Adapters call this when the request ends. It never blocks: the body
+    Adapters call this right after the request's ``finish()``. It never blocks: the body
     children may still read is captured later, after the response was
     written (:func:`geventctx.body.end_of_response`).
     """
-    if scope.holders > 1:
+    if not scope.done:
         watch(scope, timeout, policy)
 
 

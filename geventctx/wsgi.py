@@ -166,8 +166,8 @@ class _RequestEnd:
         scope = self._scope
         Scope.exit(token)
         close = getattr(self._result, "close", None)
-        stragglers.outliving_response(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
         scope.finish()
+        stragglers.outliving_response(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
         if close is not None:
             scope.defer(close)
         # The response was written: capture the body children may still

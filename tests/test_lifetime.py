@@ -261,3 +261,148 @@ def test_grandchild_spawned_by_a_killed_straggler_is_logged_and_killed_too(
     logged = [r.getMessage() for r in caplog.records if "straggler" in r.getMessage()]
     assert len(logged) == 2, logged
     assert "straggler" in logged[0] and "grandchild" in logged[1] and "killing it" in logged[1]
+
+
+# -- found by an attack on the lifetime rules (each failed before its fix) ---------
+
+
+def test_preserving_test_client_runs_teardown_after_the_child_then_flasks_repeat() -> None:
+    life = App()
+
+    @life.app.get("/spawn")
+    def spawn_view() -> str:
+        geventctx.spawn(life.child, "kid")
+        return "ok"
+
+    with life.app.test_client() as client:
+        assert client.get("/spawn").text == "ok"
+    # The test client popped the preserved contexts at the end of the block:
+    # Flask's repeat of teardown, which must come after the request's own,
+    # and that waits for the child.
+    assert life.events == []
+    life.gate.set()
+    wait_for(lambda: life.teardowns() == 2, 5, "the teardown, then its repeat")
+    assert life.events == [
+        "kid-end", "teardown_request", "teardown_appcontext", "teardown_request", "teardown_appcontext"
+    ]
+
+
+def test_child_spawned_by_teardown_appcontext_holds_the_response_close(serve: t.Any) -> None:
+    life = App()
+    closed: list[str] = []
+
+    @life.app.teardown_appcontext
+    def spawn_late(exc: BaseException | None) -> None:
+        life.seen["teardown:scope"] = geventctx.current_scope() is not None
+        geventctx.spawn(life.child, "late")
+
+    @life.app.get("/work")
+    def work() -> Response:
+        response = Response("done")
+        response.call_on_close(lambda: closed.append("response.close"))
+        return response
+
+    response = http_request(serve(life.app).port, "GET", "/work")
+    assert response is not None and response.body == b"done"
+    settle()
+    assert life.seen["teardown:scope"] and closed == []  # the response's close waits
+    life.gate.set()
+    wait_for(lambda: closed == ["response.close"], 5, "the response's close after the child")
+    assert "late-end" in life.events
+
+
+def test_straggler_spawned_by_a_teardown_function_is_logged_and_killed(
+    serve: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    life = App()
+    life.app.config.update(GEVENTCTX_STRAGGLER_TIMEOUT=0.2, GEVENTCTX_STRAGGLER_POLICY="kill")
+    never = Event()
+
+    @life.app.teardown_request
+    def spawn_forever(exc: BaseException | None) -> None:
+        geventctx.spawn(never.wait)
+
+    @life.app.get("/work")
+    def work() -> str:
+        return "done"
+
+    with caplog.at_level("WARNING", logger="geventctx"):
+        response = http_request(serve(life.app).port, "GET", "/work")
+        assert response is not None and response.body == b"done"
+        wait_for(lambda: life.teardowns() == 1, 5, "teardown once the straggler was killed")
+    assert any("straggler" in r.getMessage() and "killing it" in r.getMessage() for r in caplog.records)
+    assert geventctx.Scope.all_open() == []
+
+
+def test_the_streams_exception_reaches_teardown(serve: t.Any) -> None:
+    life = App()
+    seen: list[object] = []
+    life.app.teardown_request(lambda exc: seen.append(type(exc).__name__))
+
+    @life.app.get("/stream")
+    def stream() -> Response:
+        @stream_with_context
+        def generate() -> t.Iterator[str]:
+            yield "a"
+            raise ValueError("the stream failed")
+
+        return Response(generate())
+
+    http_request(serve(life.app).port, "GET", "/stream")
+    wait_for(lambda: seen, 5, "teardown")
+    assert seen == ["ValueError"]
+
+
+def test_a_base_exception_in_teardown_request_still_runs_every_later_step_without_children(serve: t.Any) -> None:
+    life = App()
+    closed: list[str] = []
+
+    @life.app.teardown_request
+    def slow_teardown(exc: BaseException | None) -> None:
+        with gevent.Timeout(0.01):
+            gevent.sleep(1)
+
+    class ClosingRequest(flask.Request):
+        def close(self) -> None:
+            closed.append("request.close")
+            super().close()
+
+    life.app.request_class = ClosingRequest
+    life.app.get("/work")(lambda: "done")
+    http_request(serve(life.app).port, "GET", "/work")
+    wait_for(lambda: life.teardowns() == 1, 5, "teardown_appcontext")
+    assert closed == ["request.close"]
+
+
+def test_a_request_whose_body_was_read_is_freed_without_the_garbage_collector(serve: t.Any) -> None:
+    import gc
+    import weakref
+
+    from geventctx import _flask_compat as compat
+    from geventctx.body import ENVIRON_BODY
+
+    if compat.MERGED:
+        pytest.skip("Flask 3.2 keeps each request in a reference cycle of its own (plain Flask too)")
+    life = App()
+    bodies: list[t.Any] = []
+
+    @life.app.post("/form")
+    def form() -> str:
+        name = flask.request.form["name"]  # the shared body is made at the first read
+        bodies.append(weakref.ref(flask.request.environ[ENVIRON_BODY]))
+        return name
+
+    server = serve(life.app)
+    gc.collect()
+    gc.disable()
+    try:
+        response = http_request(
+            server.port, "POST", "/form", body=b"name=ann",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response is not None and response.body == b"ann"
+        wait_for(lambda: life.teardowns() == 1, 5, "teardown")
+        settle()
+        assert bodies and bodies[0]() is None
+    finally:
+        gc.enable()

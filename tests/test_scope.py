@@ -112,11 +112,30 @@ def test_close_callbacks_run_outside_the_hub(scope):
     assert seen == ["done"]
 
 
-def test_failing_close_callback_is_logged_and_others_still_run(scope, caplog):
+def test_failing_close_callback_run_by_finish_raises_there_after_the_others_ran(scope, caplog):
+    # Inside the request's own finish() (teardown as the framework would run
+    # it) a step's error reaches the request, once every step ran.
     seen = []
     scope.on_close(lambda: 1 / 0)
     scope.on_close(seen.append, "second")
-    scope.finish()
+    with pytest.raises(ZeroDivisionError):
+        scope.finish()
+    assert seen == ["second"] and scope.done
+    assert "close callback" not in caplog.text
+
+
+def test_failing_close_callback_run_after_the_last_child_is_logged_and_others_still_run(scope, caplog):
+    seen = []
+    scope.on_close(lambda: 1 / 0)
+    scope.on_close(seen.append, "second")
+    token = scope.enter()
+    try:
+        child = geventctx.spawn(gevent.sleep, 0.01)
+    finally:
+        Scope.exit(token)
+    scope.finish()  # the child holds the scope: the steps run at its end
+    child.join()
+    assert scope.wait_closed(timeout=5)
     assert seen == ["second"]
     assert "close callback" in caplog.text and "ZeroDivisionError" in caplog.text
 
