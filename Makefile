@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench soak lint test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
+.PHONY: demo test bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 # test that passes plain and fails with the extension fails this target.
 test-flask-suite: $(STAMP)
 	$(PY) peers/flask_suite.py --python $(PY)
+
+# gevent's own tests (they ship in its wheel) with geventctx's Pool, Group and
+# ThreadPool substituted, and with patch() on, next to a plain baseline.
+test-gevent-suite: $(STAMP)
+	$(PY) peers/gevent_suite.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
