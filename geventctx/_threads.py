@@ -27,7 +27,7 @@ from gevent.monkey import get_original
 __all__ = ["foreign", "on_owner_hub", "HANDOVER_TIMEOUT"]
 
 get_ident = get_original("_thread", "get_ident")
-_allocate_lock = get_original("_thread", "allocate_lock")
+allocate_lock = _allocate_lock = get_original("_thread", "allocate_lock")
 
 #: Seconds a thread waits for the request's hub to take its hand-off.
 HANDOVER_TIMEOUT = 30.0

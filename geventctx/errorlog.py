@@ -53,7 +53,12 @@ def install(hub: t.Any = None) -> None:
             if isinstance(context, tuple) and len(context) == 2 and getattr(context[0], "geventctx_worker", False):
                 # A geventctx ThreadPool task: its hand-off reports it.
                 try:
-                    setattr(value, _DEFERRED, (original, context, type_, tb))
+                    # A list: two tasks may raise the same exception object.
+                    held = getattr(value, _DEFERRED, None)
+                    if held is None:
+                        held = []
+                        setattr(value, _DEFERRED, held)
+                    held.append((original, context, type_, tb))
                     return
                 except Exception:  # an exception type without attributes
                     pass
@@ -94,18 +99,19 @@ _DEFERRED = "_geventctx_task_error"
 def report_task(entry: t.Any, error: BaseException) -> None:
     """A ThreadPool task ended with ``error``: log it once with its request
     and spawn site, or hand it to gevent's own ``handle_error``."""
-    deferred = getattr(error, _DEFERRED, None)
-    if deferred is None:
+    held = getattr(error, _DEFERRED, None)
+    if not held:
         return  # not held back: gevent (or the hook) reported it already
-    try:
-        delattr(error, _DEFERRED)
-    except AttributeError:
-        pass
-    original, context, type_, tb = deferred
-    scope = entry[2]
-    if scope is not None and not scope.extras.get(OPT_OUT) and not getattr(error, _LOGGED, False):
+    original, context, type_, tb = held.pop(0)  # one report per failed task
+    if not held:
         try:
-            setattr(error, _LOGGED, True)
+            delattr(error, _DEFERRED)
+        except AttributeError:
+            pass
+    scope = entry[2]
+    if scope is not None and not scope.extras.get(OPT_OUT):
+        try:
+            setattr(error, _LOGGED, True)  # a helper re-raising it: logged already
         except Exception:
             pass
         function = getattr(entry[3], "__qualname__", None) or repr(entry[3])

@@ -77,11 +77,19 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     """Acquire the current request scope for a hand-off about to start.
 
     Returns the scope (now held), or ``None`` outside a request, or if the
-    request already ended (after a :class:`LateEffectWarning`).
+    request already ended (after a :class:`LateEffectWarning`), or in
+    another thread than the request's: a scope changes only on its own hub.
+    There (a hand-off inside a ThreadPool task that is not handed over to
+    the request's hub: ``spawn_later``, a greenlet started by hand, a map
+    helper) the child runs in the thread's own hub, which runs only while
+    the task waits on it: the task's own hold covers it, and a child the
+    task leaves behind is reported and cancelled when the task returns.
     """
     scope = _SCOPE.get()
     if scope is None:
         check_unmanaged(site)
+    elif scope.thread != _get_ident():
+        return None
     elif not scope.acquire_for_handoff():
         _late(scope, site)
         return None
@@ -111,6 +119,8 @@ def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None,
     """
     if isinstance(child, greenlet):
         child.gr_context = context
+        if scope is None:
+            _note_thread_child(child)
     record = _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
     if scope is not None:
         scope.children[id(child)] = record
@@ -176,6 +186,34 @@ class _Spawned(Greenlet):
     # What spawn() returns: attached before it is started, so the class
     # attribute saves a per-instance write on the hot path.
     _geventctx_attached = True
+    #: For a child handed over from another thread: (a native lock released
+    #: when it ends, the id of the hub's thread), so that thread can wait.
+    _geventctx_handed: tuple[t.Any, int] | None = None
+
+    def join(self, timeout: float | None = None) -> None:
+        handed = self._geventctx_handed
+        if handed is not None and handed[1] != _get_ident():
+            _wait_native(handed[0], timeout)
+            return
+        Greenlet.join(self, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> t.Any:
+        handed = self._geventctx_handed
+        if handed is not None and handed[1] != _get_ident():
+            # From the thread that handed it over: wait natively for its end.
+            if not _wait_native(handed[0], timeout if block else 0):
+                raise gevent.Timeout(timeout)
+            if self.successful():
+                return self.value
+            raise self.exception
+        return Greenlet.get(self, block, timeout)
+
+
+def _wait_native(lock: t.Any, timeout: float | None) -> bool:
+    acquired = bool(lock.acquire(True, -1 if timeout is None else max(timeout, 0)))
+    if acquired:
+        lock.release()  # for every other waiter
+    return acquired
 
 
 def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Greenlet:
@@ -223,8 +261,13 @@ def _note_thread_child(child: gevent.Greenlet) -> None:
 
 
 def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, kwargs: t.Any) -> Greenlet:
-    # spawn(), on the request's hub, for a thread that handed it over.
+    # spawn(), on the request's hub, for a thread that handed it over: that
+    # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
+    done = _threads.allocate_lock()
+    done.acquire()
+    child._geventctx_handed = (done, _get_ident())
+    child.rawlink(lambda _child: done.release())
     bind(child, copy_context(), pin_current_scope(site), site, function)
     _base_start(child)
     return child

@@ -108,16 +108,18 @@ def _stranded(func: t.Any, children: list[t.Any]) -> None:
     for child in left:
         record = registry.record_of(child)
         log.error(
-            "geventctx.spawn at %s in ThreadPool task %s outside a request: the task returned before the "
-            "child ended, and a worker thread's hub runs only while a task waits on it (join the child in "
-            "the task, or spawn from the hub's thread); %s",
+            "the hand-off at %s in ThreadPool task %s runs in the worker thread's hub, and the task returned "
+            "before it ended: that hub runs only while a task waits on it (join it in the task; in a request, "
+            "geventctx.spawn, Pool.spawn and Executor.submit are handed over to the request's hub); %s",
             record.spawn_site if record is not None else "?",
             name,
             "it is stuck" if greenlet.__bool__(child) else "cancelled before it ran",
         )
         if not greenlet.__bool__(child):  # never switched to: cancel its start
             child.kill(block=False)
-            _finished(child)
+        # Its end link would run in this thread's hub, which does not run:
+        # the record goes now (it was reported).
+        _finished(child)
 
 
 class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,valid-type]

@@ -593,5 +593,69 @@ def test_a_child_spawned_in_a_task_outside_a_request_that_cannot_run_is_reported
         assert pool.apply(lambda: geventctx.spawn(lambda: 5).get()) == 5  # joined in the task: fine
     assert ran == []
     (record,) = [r for r in caplog.records if "ThreadPool task" in r.getMessage()]
-    assert "cancelled before it ran" in record.getMessage()
+    assert "cancelled before it ran" in record.getMessage() and "STRANDED" not in record.getMessage()
     assert registry.live() == []
+
+
+def test_a_hand_off_a_thread_task_cannot_hand_over_never_changes_the_scope_from_the_thread(serve, pools, caplog):
+    # spawn_later in a task: it runs in the worker's hub, held by the task
+    # (never acquired from the thread); left behind, it is reported and
+    # cancelled, and the request still ends.
+    app = Flask("later_in_task")
+    GeventContext(app)
+    pool = pools(1)
+    events: list[str] = []
+    app.teardown_appcontext(lambda exc: events.append("teardown"))
+
+    @app.get("/later")
+    def later() -> str:
+        def task() -> str:
+            geventctx.spawn_later(0.01, events.append, "later ran")
+            return "ok"
+
+        return pool.apply(task)
+
+    with caplog.at_level(logging.ERROR, logger="geventctx"):
+        assert serve(app).request("GET", "/later").body == b"ok"
+        wait_for(lambda: events == ["teardown"], WAIT, "teardown")
+        # The worker reports it after the task's result was sent: wait.
+        wait_for(lambda: any("cancelled before it ran" in r.getMessage() for r in caplog.records), WAIT, "report")
+    assert registry.live() == [] and geventctx.Scope.all_open() == []
+
+
+def test_a_thread_task_joins_the_child_it_handed_over(serve, pools):
+    app = Flask("join_handed_over")
+    GeventContext(app)
+    pool = pools(1)
+
+    @app.get("/join")
+    def join() -> str:
+        def task() -> str:
+            child = geventctx.spawn(lambda: (gevent.sleep(0.02), g.marker)[1])
+            child.join(WAIT)
+            return child.get(timeout=WAIT)
+
+        g.marker = "from the view"
+        return pool.apply(task)
+
+    assert serve(app).request("GET", "/join").body == b"from the view"
+
+
+def test_two_thread_tasks_raising_one_exception_object_are_both_logged(serve, pools, caplog):
+    app = Flask("shared_error")
+    GeventContext(app)
+    pool = pools(2)
+    error = ValueError("shared")
+
+    def boom() -> None:
+        raise error
+
+    @app.get("/twice")
+    def twice() -> str:
+        pool.spawn(boom)
+        pool.spawn(boom)
+        return "ok"
+
+    with caplog.at_level(logging.ERROR, logger="geventctx"):
+        assert serve(app).request("GET", "/twice").body == b"ok"
+        wait_for(lambda: len([r for r in caplog.records if "failed" in r.getMessage()]) == 2, WAIT, "two reports")
