@@ -141,8 +141,10 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: t.Callable[..., T], /, *args: t.Any, **kwargs: t.Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns its :class:`Future`."""
         site = site_of(_getframe(1))
-        scope = _SCOPE.get()
-        if scope is not None and self._thread == scope.thread != _threads.get_ident():
+        if self._thread != _threads.get_ident():
+            scope = _SCOPE.get()
+            if scope is None or scope.thread != self._thread:
+                raise RuntimeError(_OTHER_THREAD.format(what="submit"))
             # In a ThreadPool task of the request: submitted on its hub.
             return _threads.on_owner_hub(scope.hub, self._submit, site, fn, args, kwargs)
         return self._submit(site, fn, args, kwargs)
@@ -222,6 +224,8 @@ class Executor(concurrent.futures.Executor):
         ``TimeoutError`` is raised if a result is not ready that many seconds
         after this call, and the tasks not yet done are cancelled.
         """
+        if self._thread != _threads.get_ident():
+            raise RuntimeError(_OTHER_THREAD.format(what="map"))
         site = site_of(_getframe(1))
         end = None if timeout is None else time.monotonic() + timeout
         futures = [self._submit(site, fn, args, {}) for args in zip(*iterables, strict=False)]
@@ -250,6 +254,13 @@ class Executor(concurrent.futures.Executor):
         if wait:
             self._idle.wait()
             gevent.joinall(list(self._alive))
+
+
+_OTHER_THREAD = (
+    "geventctx.Executor.{what}() called from another thread than the one that made the executor: its "
+    "workers belong to that thread's hub. In a ThreadPool task of a request, submit() is handed over to "
+    "the request's hub; for the rest, make an executor in the task."
+)
 
 
 def _result_or_cancel(future: Future, timeout: float | None = None) -> t.Any:

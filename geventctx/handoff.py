@@ -186,27 +186,48 @@ class _Spawned(Greenlet):
     # What spawn() returns: attached before it is started, so the class
     # attribute saves a per-instance write on the hot path.
     _geventctx_attached = True
-    #: For a child handed over from another thread: (a native lock released
-    #: when it ends, the id of the hub's thread), so that thread can wait.
-    _geventctx_handed: tuple[t.Any, int] | None = None
+
+
+class _HandedOver:
+    """Mixed into a child handed over from another thread (its class is
+    swapped once made): that thread may ``join``/``get`` it, waiting on a
+    native lock the child's end releases."""
+
+    _geventctx_handed: tuple[t.Any, int]
 
     def join(self, timeout: float | None = None) -> None:
-        handed = self._geventctx_handed
-        if handed is not None and handed[1] != _get_ident():
-            _wait_native(handed[0], timeout)
+        lock, hub_thread = self._geventctx_handed
+        if hub_thread != _get_ident():
+            _wait_native(lock, timeout)
             return
-        Greenlet.join(self, timeout)
+        super().join(timeout)  # type: ignore[misc]
 
     def get(self, block: bool = True, timeout: float | None = None) -> t.Any:
-        handed = self._geventctx_handed
-        if handed is not None and handed[1] != _get_ident():
-            # From the thread that handed it over: wait natively for its end.
-            if not _wait_native(handed[0], timeout if block else 0):
+        lock, hub_thread = self._geventctx_handed
+        if hub_thread != _get_ident():
+            if not _wait_native(lock, timeout if block else 0):
                 raise gevent.Timeout(timeout)
-            if self.successful():
-                return self.value
-            raise self.exception
-        return Greenlet.get(self, block, timeout)
+            if self.successful():  # type: ignore[attr-defined]
+                return self.value  # type: ignore[attr-defined]
+            raise self.exception  # type: ignore[attr-defined]
+        return super().get(block, timeout)  # type: ignore[misc]
+
+
+_handed_classes: dict[type, type] = {}
+
+
+def hand_over_class(child: t.Any) -> None:
+    """Make ``child`` (just made on the request's hub for another thread)
+    joinable from that thread."""
+    cls = type(child)
+    handed = _handed_classes.get(cls)
+    if handed is None:
+        handed = _handed_classes[cls] = type(f"HandedOver{cls.__name__}", (_HandedOver, cls), {})
+    done = _threads.allocate_lock()
+    done.acquire()
+    child.__class__ = handed
+    child._geventctx_handed = (done, _get_ident())
+    child.rawlink(lambda _child: done.release())
 
 
 def _wait_native(lock: t.Any, timeout: float | None) -> bool:
@@ -264,10 +285,7 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # spawn(), on the request's hub, for a thread that handed it over: that
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
-    done = _threads.allocate_lock()
-    done.acquire()
-    child._geventctx_handed = (done, _get_ident())
-    child.rawlink(lambda _child: done.release())
+    hand_over_class(child)
     bind(child, copy_context(), pin_current_scope(site), site, function)
     _base_start(child)
     return child

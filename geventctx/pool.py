@@ -21,7 +21,7 @@ from gevent._imap import IMap, IMapUnordered
 
 from . import _threads
 from ._site import site_of
-from .handoff import Greenlet, _base_start, attach, caller_site
+from .handoff import Greenlet, _base_start, attach, caller_site, hand_over_class
 from .scope import _SCOPE
 
 __all__ = ["Group", "Pool"]
@@ -142,18 +142,65 @@ class _HandOverMixin:
     _geventctx_thread: int | None = None
 
     def spawn(self, *args: t.Any, **kwargs: t.Any) -> Greenlet:
-        scope = _SCOPE.get()
-        if scope is not None and scope.thread != _get_ident() and self._geventctx_thread == scope.thread:
-            site = caller_site(_getframe(1))
+        made_in = self._geventctx_thread
+        if made_in is not None and made_in != _get_ident():
+            scope = _SCOPE.get()
+            if scope is None or scope.thread != made_in:
+                raise RuntimeError(_OTHER_THREAD.format(what="spawn"))
+            # f_back: a compiled caller (imap's helper) has no Python frame.
+            site = caller_site(_getframe(0).f_back)
             return _threads.on_owner_hub(scope.hub, self._spawn_handed_over, site, args, kwargs)
         return super().spawn(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def _spawn_handed_over(self, site: t.Any, args: t.Any, kwargs: t.Any) -> Greenlet:
         child = Greenlet(*args, **kwargs)
         child._geventctx_attached = True
+        hand_over_class(child)
         attach(child, site, getattr(child, "_run", None))
         self.start(child)  # type: ignore[attr-defined]
         return child
+
+    def _own_thread(self, what: str) -> None:
+        # The mapping methods start helpers that wait in this thread's hub:
+        # from another thread only spawn is handed over.
+        made_in = self._geventctx_thread
+        if made_in is not None and made_in != _get_ident():
+            raise RuntimeError(_OTHER_THREAD.format(what=what))
+
+    def map(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("map")
+        return super().map(*args, **kwargs)  # type: ignore[misc]
+
+    def map_async(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("map_async")
+        return super().map_async(*args, **kwargs)  # type: ignore[misc]
+
+    def imap(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("imap")
+        return super().imap(*args, **kwargs)  # type: ignore[misc]
+
+    def imap_unordered(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("imap_unordered")
+        return super().imap_unordered(*args, **kwargs)  # type: ignore[misc]
+
+    def apply(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("apply")
+        return super().apply(*args, **kwargs)  # type: ignore[misc]
+
+    def apply_async(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("apply_async")
+        return super().apply_async(*args, **kwargs)  # type: ignore[misc]
+
+    def apply_cb(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread("apply_cb")
+        return super().apply_cb(*args, **kwargs)  # type: ignore[misc]
+
+
+_OTHER_THREAD = (
+    "geventctx Pool/Group.{what}() called from another thread than the one that made the pool: a pool "
+    "belongs to its thread's hub. In a ThreadPool task of a request, spawn() is handed over to the "
+    "request's hub (join the children there or from the task); for the rest, make a pool in the task."
+)
 
 
 class Group(_HandOverMixin, _ContextMappingMixin, _GeventGroup):  # type: ignore[misc,valid-type]

@@ -53,7 +53,9 @@ class App:
         @self.app.teardown_appcontext
         def teardown_appcontext(exc: BaseException | None) -> None:
             events.append("teardown_appcontext")
-            g.resource.closed = True
+            resource = g.get("resource")  # None in an app context of Flask's own
+            if resource is not None:
+                resource.closed = True
 
     def child(self, name: str) -> None:
         """Wait for the gate, then use the request's resource."""
@@ -278,13 +280,14 @@ def test_preserving_test_client_runs_teardown_after_the_child_then_flasks_repeat
         assert client.get("/spawn").text == "ok"
     # The test client popped the preserved contexts at the end of the block:
     # Flask's repeat of teardown, which must come after the request's own,
-    # and that waits for the child.
-    assert life.events == []
+    # and that waits for the child. (Flask 2.3 also pushes and pops an app
+    # context of its own there, torn down at once as without geventctx.)
+    assert "teardown_request" not in life.events
     life.gate.set()
-    wait_for(lambda: life.teardowns() == 2, 5, "the teardown, then its repeat")
-    assert life.events == [
-        "kid-end", "teardown_request", "teardown_appcontext", "teardown_request", "teardown_appcontext"
-    ]
+    wait_for(lambda: life.events.count("teardown_request") == 2, 5, "the teardown, then its repeat")
+    kid = life.events.index("kid-end")
+    assert "teardown_request" not in life.events[:kid]
+    assert life.events[kid + 1 : kid + 3] == ["teardown_request", "teardown_appcontext"]  # the request's own
 
 
 def test_child_spawned_by_teardown_appcontext_holds_the_response_close(serve: t.Any) -> None:

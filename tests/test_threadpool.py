@@ -659,3 +659,35 @@ def test_two_thread_tasks_raising_one_exception_object_are_both_logged(serve, po
     with caplog.at_level(logging.ERROR, logger="geventctx"):
         assert serve(app).request("GET", "/twice").body == b"ok"
         wait_for(lambda: len([r for r in caplog.records if "failed" in r.getMessage()]) == 2, WAIT, "two reports")
+
+
+@pytest.mark.parametrize("method", ["map", "imap", "apply_async", "executor_map"])
+def test_a_pool_method_from_another_thread_gets_a_clear_error_and_leaves_nothing(serve, pools, method):
+    # Only spawn/submit are handed over to the request's hub; the mapping
+    # methods start helpers that wait in the pool's own hub.
+    app = Flask(f"other_thread_{method}")
+    GeventContext(app)
+    pool = pools(1)
+
+    @app.get("/m")
+    def view() -> str:
+        greenlets, executor = geventctx.Pool(2), geventctx.Executor()
+
+        def task() -> str:
+            try:
+                if method == "map":
+                    greenlets.map(str, [1, 2])
+                elif method == "imap":
+                    list(greenlets.imap(str, [1, 2]))
+                elif method == "apply_async":
+                    greenlets.apply_async(str, (1,))
+                else:
+                    list(executor.map(str, [1, 2]))
+            except RuntimeError as exc:
+                return "another thread" if "another thread" in str(exc) else repr(exc)
+            return "no error"
+
+        return pool.apply(task)
+
+    assert serve(app).request("GET", "/m").body == b"another thread"
+    wait_for(lambda: not registry.live() and not geventctx.Scope.all_open(), WAIT, "nothing left")
