@@ -167,33 +167,19 @@ class _HandOverMixin:
         if made_in is not None and made_in != _get_ident():
             raise RuntimeError(_OTHER_THREAD.format(what=what))
 
-    def map(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("map")
-        return super().map(*args, **kwargs)  # type: ignore[misc]
 
-    def map_async(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("map_async")
-        return super().map_async(*args, **kwargs)  # type: ignore[misc]
+def _own_thread_only(name: str) -> t.Callable[..., t.Any]:
+    # A mapping method of the pool that may only be called in its own thread.
+    def method(self: _HandOverMixin, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._own_thread(name)
+        return getattr(super(_HandOverMixin, self), name)(*args, **kwargs)
 
-    def imap(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("imap")
-        return super().imap(*args, **kwargs)  # type: ignore[misc]
+    method.__name__ = method.__qualname__ = name
+    return method
 
-    def imap_unordered(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("imap_unordered")
-        return super().imap_unordered(*args, **kwargs)  # type: ignore[misc]
 
-    def apply(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("apply")
-        return super().apply(*args, **kwargs)  # type: ignore[misc]
-
-    def apply_async(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("apply_async")
-        return super().apply_async(*args, **kwargs)  # type: ignore[misc]
-
-    def apply_cb(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        self._own_thread("apply_cb")
-        return super().apply_cb(*args, **kwargs)  # type: ignore[misc]
+for _name in ("map", "map_async", "imap", "imap_unordered", "apply", "apply_async", "apply_cb"):
+    setattr(_HandOverMixin, _name, _own_thread_only(_name))
 
 
 _OTHER_THREAD = (
