@@ -259,9 +259,16 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         # In another thread (a ThreadPool task): made on the request's hub.
         return _threads.on_owner_hub(current.hub, _spawn_at, site, function, args, kwargs)
     child = _Spawned(function, *args, **kwargs)
-    scope = pin_current_scope(site)
-    if scope is None:
+    # pin_current_scope(), inlined (the scope and its thread are known).
+    if current is None:
+        check_unmanaged(site)
+        scope = None
         _note_thread_child(child)
+    elif current.acquire_for_handoff():
+        scope = current
+    else:
+        _late(current, site)
+        scope = None
     # bind(), inlined too (a greenlet: no isinstance test needed).
     child.gr_context = copy_context()
     record = _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
