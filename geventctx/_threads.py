@@ -24,7 +24,7 @@ from contextvars import copy_context
 import gevent
 from gevent.monkey import get_original
 
-__all__ = ["foreign", "on_owner_hub", "HANDOVER_TIMEOUT"]
+__all__ = ["request_hub_of", "on_owner_hub", "HANDOVER_TIMEOUT"]
 
 get_ident = get_original("_thread", "get_ident")
 allocate_lock = _allocate_lock = get_original("_thread", "allocate_lock")
@@ -35,9 +35,16 @@ HANDOVER_TIMEOUT = 30.0
 T = t.TypeVar("T")
 
 
-def foreign(scope: t.Any) -> bool:
-    """True if the running thread is not ``scope``'s own."""
-    return bool(scope.thread != get_ident())
+def request_hub_of(made_in: int, refusal: str) -> t.Any:
+    """Where a pool or executor made in thread ``made_in`` is used from another
+    thread: the hub of the current request if that request belongs to
+    ``made_in`` (hand the call over there), else ``RuntimeError(refusal)``."""
+    from .scope import _SCOPE
+
+    scope = _SCOPE.get()
+    if scope is None or scope.thread != made_in:
+        raise RuntimeError(refusal)
+    return scope.hub
 
 
 def on_owner_hub(hub: t.Any, function: t.Callable[..., T], *args: t.Any) -> T:

@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from . import _threads, handoff
 from ._site import Site, site_of
-from .scope import _SCOPE, Scope
+from .scope import Scope
 
 __all__ = ["Executor", "Future"]
 
@@ -142,11 +142,9 @@ class Executor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)``; returns its :class:`Future`."""
         site = site_of(_getframe(1))
         if self._thread != _threads.get_ident():
-            scope = _SCOPE.get()
-            if scope is None or scope.thread != self._thread:
-                raise RuntimeError(_OTHER_THREAD.format(what="submit"))
             # In a ThreadPool task of the request: submitted on its hub.
-            return _threads.on_owner_hub(scope.hub, self._submit, site, fn, args, kwargs)
+            hub = _threads.request_hub_of(self._thread, _OTHER_THREAD.format(what="submit"))
+            return _threads.on_owner_hub(hub, self._submit, site, fn, args, kwargs)
         return self._submit(site, fn, args, kwargs)
 
     def _submit(

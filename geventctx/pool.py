@@ -22,7 +22,6 @@ from gevent._imap import IMap, IMapUnordered
 from . import _threads
 from ._site import site_of
 from .handoff import Greenlet, _base_start, attach, caller_site, hand_over_class
-from .scope import _SCOPE
 
 __all__ = ["Group", "Pool"]
 
@@ -144,12 +143,10 @@ class _HandOverMixin:
     def spawn(self, *args: t.Any, **kwargs: t.Any) -> Greenlet:
         made_in = self._geventctx_thread
         if made_in is not None and made_in != _get_ident():
-            scope = _SCOPE.get()
-            if scope is None or scope.thread != made_in:
-                raise RuntimeError(_OTHER_THREAD.format(what="spawn"))
+            hub = _threads.request_hub_of(made_in, _OTHER_THREAD.format(what="spawn"))
             # f_back: a compiled caller (imap's helper) has no Python frame.
             site = caller_site(_getframe(0).f_back)
-            return _threads.on_owner_hub(scope.hub, self._spawn_handed_over, site, args, kwargs)
+            return _threads.on_owner_hub(hub, self._spawn_handed_over, site, args, kwargs)
         return super().spawn(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def _spawn_handed_over(self, site: t.Any, args: t.Any, kwargs: t.Any) -> Greenlet:
