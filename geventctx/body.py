@@ -39,8 +39,11 @@ What follows from it:
   a time and the timeout counts per 8 KiB.
 
 Cost: a request that never reads its body and never hands off pays nothing
-(adapters create the shared body lazily). A body that is read costs one
-greenlet for the pump, two switches per read of up to 64 KiB, and the spool.
+(adapters create the shared body lazily). Under gevent.pywsgi (a
+``Content-Length`` body), a reader that alone needs bytes reads them itself
+— what arrived with the headers at once, without a switch; otherwise a body
+that is read costs one greenlet for the pump, two switches per read of up to
+64 KiB, and the spool.
 
 .. versionchanged:: 0.2
     A streaming tee over a spool, instead of a whole-body buffer under a lock.
@@ -101,6 +104,9 @@ READ_AHEAD = 1024 * 1024
 _EVERYTHING = sys.maxsize
 
 _allocate_lock = get_original("_thread", "allocate_lock")
+
+#: ``SharedBody._pump`` while a reader reads the input itself (not a greenlet).
+_INLINE = object()
 
 
 def reader_key() -> t.Any:
@@ -308,51 +314,81 @@ class SharedBody(_Reader):
             self._changes.notify()
 
     def _run_pump(self) -> None:
-        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
-
         spool = self._spool
         seconds = self.timeout if self.timeout and self.timeout > 0 else None
         try:
-            while not spool.done:
-                wanted = self._wanted()
-                if wanted <= 0:
-                    break
-                try:
-                    data = self._read_source(wanted, seconds)
-                except _QuietStop:
-                    break
-                if spool.closed:
-                    break
-                if data:
-                    if self._max is not None and spool.size + len(data) > self._max:
-                        data = data[: self._max + 1 - spool.size]  # keep one byte past it, no more
-                    spool.append(data)
-                    if self._max is not None and spool.size > self._max:
-                        # Not out of step: the server can discard the rest.
-                        raise RequestEntityTooLarge()
-                    if spool.size == self.length:
-                        spool.end()
-                elif self.length is not None:
-                    self.broken = True
-                    raise ClientDisconnected(
-                        f"the client sent {spool.size} of {self.length} announced body bytes"
-                    )
-                else:
-                    spool.end()
-                self._progress()
+            while not spool.done and self._pump_once(self._wanted(), seconds):
+                pass
         except GreenletExit:
             # Killed by _abort(): the request itself is going away.
             self.broken = True
             spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
         except BaseException as exc:
-            if not isinstance(exc, RequestEntityTooLarge):
-                self.broken = True  # the server's input failed mid-read
-            spool.fail(_servers.translate(exc))
+            self._failed(exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
             self._pump = None
             self._changes.notify()
+
+    def _read_inline(self, target: int) -> None:
+        # The pump's work, done by the reader itself while it alone needs
+        # bytes (no pump greenlet, no switch: what arrived with the headers
+        # is read at once). Only for a lossless source, and only up to the
+        # reader's own target, so a reader is never kept waiting for bytes
+        # it did not ask for. A reader interrupted while it waits (killed,
+        # its own gevent.Timeout: a BaseException that is not an Exception)
+        # loses nothing and fails nothing: it just stops, and the next
+        # reader goes on. An Exception from the read is the body's failure,
+        # for every reader, as the pump's would be.
+        spool = self._spool
+        seconds = self.timeout if self.timeout and self.timeout > 0 else None
+        self._pump = _INLINE
+        try:
+            while not (spool.size >= target or spool.done) and self._pump_once(self._wanted(), seconds):
+                pass
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self._pump = None
+            self._changes.notify()
+
+    def _pump_once(self, wanted: int, seconds: float | None) -> bool:
+        """One read off the server's input into the spool; ``False``: stop."""
+        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+        spool = self._spool
+        if wanted <= 0:
+            return False
+        try:
+            data = self._read_source(wanted, seconds)
+        except _QuietStop:
+            return False
+        if spool.closed:
+            return False
+        if data:
+            if self._max is not None and spool.size + len(data) > self._max:
+                data = data[: self._max + 1 - spool.size]  # keep one byte past it, no more
+            spool.append(data)
+            if self._max is not None and spool.size > self._max:
+                # Not out of step: the server can discard the rest.
+                raise RequestEntityTooLarge()
+            if spool.size == self.length:
+                spool.end()
+        elif self.length is not None:
+            self.broken = True
+            raise ClientDisconnected(f"the client sent {spool.size} of {self.length} announced body bytes")
+        else:
+            spool.end()
+        self._progress()
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
+        if not isinstance(exc, RequestEntityTooLarge):
+            self.broken = True  # the server's input failed mid-read
+        self._spool.fail(_servers.translate(exc))
 
     def _read_source(self, size: int, seconds: float | None) -> bytes:
         source = self._source
@@ -401,9 +437,14 @@ class SharedBody(_Reader):
             self._ahead = _EVERYTHING if target == _EVERYTHING else target + READ_AHEAD
         try:
             if changes.in_owner_thread():
-                # Start the pump, and again if it stopped (read ahead, then
-                # stopped quietly) before this reader had its bytes.
+                # Read in this greenlet if nobody else reads (a lossless
+                # source), else wait for the pump, starting it, and again if
+                # it stopped (read ahead, then stopped quietly) before this
+                # reader had its bytes.
                 while not (spool.size >= target or spool.done):
+                    if self._pump is None and source is not None and source.lossless and not self._capturing:
+                        self._read_inline(target)
+                        continue
                     self._start_pump()
                     changes.wait(lambda: spool.size >= target or spool.done or self._pump is None)
             else:
@@ -537,8 +578,11 @@ class SharedBody(_Reader):
                 if not self._opened:
                     self._open()  # the capture obeys the body's limits too
                 self._capturing = True
-                self._start_pump()
-                self._changes.wait(lambda: self._pump is None)
+                # (Again if a reader was reading inline: it stops at its own
+                # target, the capture goes on to the end.)
+                while not self._spool.done:
+                    self._start_pump()
+                    self._changes.wait(lambda: self._pump is None)
             else:
                 # Nobody reads on: a read in flight ends within the timeout
                 # (or is stopped without loss); else the connection closes.
@@ -561,7 +605,7 @@ class SharedBody(_Reader):
         # ahead that waits can be stopped without loss.
         self._ahead = 0
         source = self._source
-        if self._pump is not None and source is not None and source.lossless:
+        if self._pump not in (None, _INLINE) and source is not None and source.lossless:
             self._changes.hub.loop.run_callback(self._stop_pump, self._pump, _QuietStop, True)
 
     def _stop_pump(self, pump: t.Any, error: type[BaseException], only_if_idle: bool) -> None:
@@ -576,7 +620,11 @@ class SharedBody(_Reader):
         if pump is None:
             return
         self.broken = True
-        self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
+        if pump is not _INLINE:
+            # A reader reading inline is not stopped (it may be a child
+            # that lives on); its read is bounded by the timeout, and the
+            # connection, out of step, is shut down.
+            self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
         self._changes.wait(lambda: self._pump is None, timeout=1.0)
 
     def release(self) -> None:

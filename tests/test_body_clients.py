@@ -1022,3 +1022,83 @@ def test_gunicorn_client_waiting_for_100_continue_and_curl(server, tmp_path):
     )
     assert "< HTTP/1.1 100 Continue" in result.stderr, result.stderr[-2000:] + srv.context()
     assert result.stdout.split(",") == [sha(data)] * 3, srv.context()
+
+
+# -- a reader alone reads the socket itself (no pump greenlet, no switch) ----------
+
+
+def test_a_body_that_arrived_with_its_headers_is_read_without_a_switch(serve):
+    # A small body comes with its headers: the view's get_data() takes it
+    # from the server's buffer at once instead of waking a pump greenlet and
+    # waiting in the hub (what made every request with a body ~2 switches
+    # slower). A greenlet scheduled before the read has not run after it.
+    app, notes = flask_app()
+    ran: list[str] = []
+
+    @app.post("/read")
+    def read() -> str:
+        gevent.spawn(ran.append, "other greenlet")
+        data = request.get_data()
+        notes.results["ran_before_read_returned"] = list(ran)
+        children = [geventctx.spawn(lambda: request.get_data()) for _ in range(2)]
+        gevent.joinall(children, timeout=WAIT)
+        assert all(child.value == data for child in children)
+        return sha(data)
+
+    server = serve(app)
+    body = os.urandom(3000)
+    response = RawClient(server.port)
+    response.send_head("POST", "/read", {"Content-Length": str(len(body)), "Connection": "close"})
+    response.send(body)
+    assert response.read_response(WAIT).body == sha(body).encode()
+    assert notes.results["ran_before_read_returned"] == []
+    assert notes.teardowns == [None]
+
+
+@pytest.mark.parametrize("interrupt", ["own timeout", "killed"])
+def test_a_reader_interrupted_while_it_reads_the_socket_itself_loses_nothing(serve, gates, interrupt):
+    # The view reads the stalled body itself and is interrupted while it
+    # waits for the socket (its own gevent.Timeout, or a kill of the child
+    # reading): nothing read is lost, the body is not failed, and the next
+    # reader — waiting meanwhile — gets the complete body once the client
+    # sends the rest.
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=WAIT)
+    rest_sent = gates()
+    body = os.urandom(20_000)
+
+    @app.post("/read")
+    def read() -> str:
+        notes.body = request.shared_body()
+        if interrupt == "own timeout":
+            try:
+                with gevent.Timeout(0.2):
+                    request.get_data()
+            except gevent.Timeout:
+                notes.results["interrupted"] = True
+            waiter = geventctx.spawn(request.get_data)
+        else:
+            first = geventctx.spawn(request.get_data)
+            wait_for(lambda: notes.body.reading, WAIT, "the first child reading")
+            waiter = geventctx.spawn(request.get_data)
+            gevent.sleep(0.05)  # the second child waits on the first one's read
+            first.kill(block=True, timeout=WAIT)
+            notes.results["interrupted"] = first.dead and first.exception is None
+        notes.results["error_after_interrupt"] = notes.body.error
+        rest_sent.wait(WAIT)
+        waiter.join(WAIT)
+        return sha(waiter.get(block=False)) + "," + sha(request.get_data())
+
+    server = serve(app)
+    client = RawClient(server.port)
+    client.send_head("POST", "/read", {"Content-Length": str(len(body)), "Connection": "close"})
+    client.send(body[:5000])
+    try:
+        wait_for(lambda: notes.results.get("interrupted"), WAIT, "the reader interrupted")
+        client.send(body[5000:])
+        rest_sent.set()
+        response = client.read_response(WAIT)
+    finally:
+        client.close()
+    assert notes.results["error_after_interrupt"] is None
+    assert response.status == 200 and response.body == f"{sha(body)},{sha(body)}".encode()
+    assert not notes.body.broken
