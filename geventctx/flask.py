@@ -386,6 +386,11 @@ def _ran(*_: t.Any) -> None:
     """What a :class:`_Step` keeps of its function once it ran."""
 
 
+#: The step of a teardown call that ran in place (see _nothing_to_wait_for).
+_RAN_IN_PLACE = _Step(None, _ran, (), None)
+_RAN_IN_PLACE.ran = True
+
+
 def _take_over(
     scope: Scope, kind: str, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any],
     exc: t.Any,
@@ -395,6 +400,16 @@ def _take_over(
     step = end.steps.get(kind)
     if step is None and scope.done:
         original(*args, **kwargs)  # the request's teardown ran: Flask's own call
+        return
+    if step is None and _nothing_to_wait_for(scope):
+        # No child holds the request and no step waits: Flask's own call,
+        # now, in place (what it raises reaches Flask's pop as without
+        # geventctx). A hand-off it makes holds the request: the later
+        # teardown calls then wait for it.
+        end.steps[kind] = _RAN_IN_PLACE
+        _run_in_place(scope, original, *args, **kwargs)
+        if kind == end.last:
+            _maybe_end_owner(scope)
         return
     if exc is compat.MISSING:
         exc = compat.exception_in_flight()
@@ -413,6 +428,31 @@ def _take_over(
         scope.defer(_Step(scope.extras["contexts"], original, args, exc))
     if kind == end.last:
         _maybe_end_owner(scope)
+
+
+def _nothing_to_wait_for(scope: Scope) -> bool:
+    """True if a teardown call of ``scope``'s request may run now, in place:
+    nothing holds the request but the request itself, no deferred step
+    waits, and no ``stream_with_context`` stream is still to run."""
+    return (
+        scope.holders == 1
+        and not scope.has_steps
+        and not scope.owner_done
+        and not compat.stream_pending(scope.extras.get("response"))
+    )
+
+
+def _run_in_place(scope: Scope, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> None:
+    # What a step run in place raises is raised when the request ends,
+    # after every later step ran (as for deferred steps: G4), not now
+    # (Flask's pop would skip request.close()).
+    try:
+        function(*args, **kwargs)
+    except BaseException as exc:
+        scope.extras.setdefault(_IN_PLACE_ERROR, exc)
+
+
+_IN_PLACE_ERROR = "in_place_error"
 
 
 def _maybe_end_owner(scope: Scope) -> None:
@@ -509,7 +549,10 @@ def _defer_request_close(request: t.Any) -> bool:
         if scope is None or scope.done:
             return False
         state["_geventctx_close_deferred"] = True
-        scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
+        if _nothing_to_wait_for(scope):
+            _run_in_place(scope, request.close_now)  # see _take_over
+        else:
+            scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
     if scope is not None and _end_of(scope).last == "request_close":
         _maybe_end_owner(scope)
     return True
@@ -549,8 +592,15 @@ def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
     raised here, as Flask's pop would), watch what outlives it, and leave
     the scope."""
     token = scope.extras.pop("token", None)
+    in_place_error = scope.extras.pop(_IN_PLACE_ERROR, None)
     try:
-        scope.finish()
+        try:
+            scope.finish()
+        except BaseException:
+            if in_place_error is None:
+                raise
+        if in_place_error is not None:
+            raise in_place_error  # the first error of the request's teardown
     finally:
         # After the finish: a child spawned by a teardown function counts.
         stragglers.outliving_response(

@@ -198,6 +198,11 @@ class Scope:
             self._raising = False
 
     @property
+    def has_steps(self) -> bool:
+        """True if close callbacks (steps) wait for the scope's end."""
+        return bool(self._callbacks)
+
+    @property
     def done(self) -> bool:
         """True once the scope closed and its close callbacks have run."""
         return self._done
