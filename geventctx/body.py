@@ -331,7 +331,7 @@ class SharedBody(_Reader):
             self._pump = None
             self._changes.notify()
 
-    def _read_inline(self, target: int) -> None:
+    def _read_inline(self, target: int, marker: t.Any = _INLINE) -> None:
         # The pump's work, done by the reader itself while it alone needs
         # bytes (no pump greenlet, no switch: what arrived with the headers
         # is read at once). Only for a lossless source, and only up to the
@@ -343,7 +343,7 @@ class SharedBody(_Reader):
         # for every reader, as the pump's would be.
         spool = self._spool
         seconds = self.timeout if self.timeout and self.timeout > 0 else None
-        self._pump = _INLINE
+        self._pump = marker
         try:
             while not (spool.size >= target or spool.done) and self._pump_once(self._wanted(), seconds):
                 pass
@@ -578,9 +578,16 @@ class SharedBody(_Reader):
                 if not self._opened:
                     self._open()  # the capture obeys the body's limits too
                 self._capturing = True
-                # (Again if a reader was reading inline: it stops at its own
-                # target, the capture goes on to the end.)
-                while not self._spool.done:
+                source = self._source
+                # In this greenlet when nobody reads (a lossless source), else
+                # by the pump; again if a reader was reading inline (it stops
+                # at its own target; the capture goes on to the end).
+                while self._capturing and not self._spool.done:
+                    if self._pump is None and source is not None and source.lossless:
+                        # As the pump: release() stops it quietly once no
+                        # child is left to read (a hub callback throws).
+                        self._read_inline(_EVERYTHING, getcurrent())
+                        continue
                     self._start_pump()
                     self._changes.wait(lambda: self._pump is None)
             else:
@@ -592,6 +599,12 @@ class SharedBody(_Reader):
                     self._abort()
         except BaseException:
             self._abort()
+            if self._capturing and not self._spool.done:
+                # The capture was cut short (its reader was this greenlet):
+                # nobody may read the rest later from a drained input.
+                self.broken = True
+                self._spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
+                self._changes.notify()
             raise
         finally:
             self._capturing = False
