@@ -110,10 +110,24 @@ class _GunicornBody(Source):
         return raw.read(min(CHUNK, buffered) if buffered > 0 else 1)  # type: ignore[no-any-return]
 
 
+#: Input types known to be gevent.pywsgi's (looked at once per type).
+_pywsgi_types: dict[type, bool] = {}
+
+
+def _is_pywsgi_input(raw: t.Any) -> bool:
+    kind = type(raw)
+    known = _pywsgi_types.get(kind)
+    if known is None:
+        names = ("rfile", "_send_100_continue", "chunked_input", "chunk_length", "position", "content_length")
+        known = all(hasattr(raw, name) for name in names)
+        if len(_pywsgi_types) < 64:
+            _pywsgi_types[kind] = known
+    return known and hasattr(raw.rfile, "read1")
+
+
 def source_for(raw: t.Any) -> Source:
     """The way to read ``raw`` (a server's ``wsgi.input``) as bytes arrive."""
-    names = ("rfile", "_send_100_continue", "chunked_input", "chunk_length", "position", "content_length")
-    if all(hasattr(raw, name) for name in names) and hasattr(raw.rfile, "read1"):
+    if _is_pywsgi_input(raw):
         if raw.chunked_input:
             return _PywsgiChunked(raw)
         if raw.content_length is not None:

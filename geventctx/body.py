@@ -62,6 +62,7 @@ import gevent
 from gevent import Timeout
 from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from . import _servers
 from ._wakeup import Changes
@@ -302,8 +303,6 @@ class SharedBody(_Reader):
     def _open(self) -> None:
         # At the first read, in the first reader's greenlet: a limit such as
         # Flask's request.max_content_length needs the request's context.
-        from werkzeug.exceptions import RequestEntityTooLarge
-
         self._opened = True
         limits, self._limits = self._limits, []
         known = [limit for limit in (get() for get in limits) if limit is not None]
@@ -355,8 +354,6 @@ class SharedBody(_Reader):
 
     def _pump_once(self, wanted: int, seconds: float | None) -> bool:
         """One read off the server's input into the spool; ``False``: stop."""
-        from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
-
         spool = self._spool
         if wanted <= 0:
             return False
@@ -384,8 +381,6 @@ class SharedBody(_Reader):
         return True
 
     def _failed(self, exc: BaseException) -> None:
-        from werkzeug.exceptions import RequestEntityTooLarge
-
         if not isinstance(exc, RequestEntityTooLarge):
             self.broken = True  # the server's input failed mid-read
         self._spool.fail(_servers.translate(exc))

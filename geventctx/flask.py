@@ -73,6 +73,7 @@ from flask import Flask
 from flask.signals import request_finished, request_started
 from gevent import get_hub
 from gevent.monkey import get_original
+from greenlet import getcurrent
 from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
@@ -89,7 +90,7 @@ from .body import (
     share_wsgi_input,
 )
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
-from .isolation import IsolatedApp
+from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
 from .scope import ENVIRON_SCOPE, Scope
 
@@ -231,7 +232,10 @@ class GeventContext:
         config = app.config
         request = ctx.request
         environ = request.environ
-        scope = Scope(f"{request.method} {request.path}")
+        home = environ.get(ENVIRON_CONTEXT)  # the request's, made by IsolatedApp
+        if not isinstance(home, RequestContext) or home.context is not getcurrent().gr_context:
+            home = None
+        scope = Scope(f"{request.method} {request.path}", home)
         outer = environ.get(ENVIRON_SCOPE)
         if isinstance(outer, Scope):
             scope.hold_parent(outer)  # the WSGI middleware's request

@@ -65,12 +65,15 @@ def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
         return
     loop = get_hub().loop
     timer = loop.timer(timeout, timeout)
-    mine: weakref.WeakSet[object] = weakref.WeakSet()  # children this watcher handled
+    mine: weakref.WeakSet[object] | None = None  # children this watcher handled (made when needed)
 
     def check() -> None:
+        nonlocal mine
         if scope.done:
             timer.close()
             return
+        if mine is None:
+            mine = weakref.WeakSet()
         done_at = scope.owner_done_at
         since = time.monotonic() - done_at if done_at is not None else timeout
         doomed = []
