@@ -62,10 +62,9 @@ def install(hub: t.Any = None) -> None:
                     return
                 except Exception:  # an exception type without attributes
                     pass
-            entry = registry._live.get(id(child))
+            entry = registry.entry_of(child)
             if (
                 entry is not None
-                and entry[0]() is child
                 and entry[2] is not None
                 and not entry[2].extras.get(OPT_OUT)
             ):

@@ -28,7 +28,7 @@ from greenlet import getcurrent, greenlet
 
 from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
-from ._site import _INTERNAL_DIRS, Site, format_site, site_of
+from ._site import Site, format_site, site_of
 from .errors import LateEffectWarning
 from .scope import _SCOPE, Scope
 
@@ -40,6 +40,9 @@ _base_start_later = gevent.Greenlet.start_later
 _entry = registry.entry
 _live = registry._live
 _pop = _live.pop
+_unscoped = registry._unscoped
+_entry_of = registry.entry_of
+_LAZY_SITE = registry.LAZY_SITE
 _ref = weakref.ref
 _monotonic = time.monotonic
 _get_ident = _threads.get_ident
@@ -63,7 +66,7 @@ def helper_site() -> Site | None:
     stack holds no user code: its workers report the helper's site, which
     is the user's call that started the map.
     """
-    helper = _live.get(id(getcurrent()))
+    helper = _entry_of(getcurrent())
     return helper[4] if helper is not None else None
 
 
@@ -121,15 +124,34 @@ def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None,
         child.gr_context = context
         if scope is None:
             _note_thread_child(child)
-    record = _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+    if isinstance(child, Greenlet):
+        # Its record in its own slots (see registry).
+        child._geventctx_scope = scope
+        child._geventctx_function = function
+        child._geventctx_site = site
+        child._geventctx_started = _monotonic()
+        if scope is None:
+            _unscoped[id(child)] = _ref(child)
+    else:
+        _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
     if scope is not None:
-        scope.children[id(child)] = record
+        scope.children[id(child)] = child
     child.rawlink(_finished)
 
 
 def _finished(child: gevent.Greenlet) -> None:
     # Runs once per child, from the hub, however the child ended (returned,
     # raised, was killed, or was killed before it ever ran).
+    if getattr(child, "_geventctx_started", None) is not None:
+        # A geventctx greenlet: its record is its slots.
+        child._geventctx_started = None
+        scope = child._geventctx_scope
+        if scope is None:
+            _unscoped.pop(id(child), None)
+        else:
+            scope.children.pop(id(child), None)
+            scope.release()
+        return
     entry = _pop(id(child), None)
     if entry is not None:
         if not isinstance(child, greenlet):
@@ -155,6 +177,11 @@ class Greenlet(gevent.Greenlet):
     .. versionadded:: 0.1
     """
 
+    # The hand-off's record (registry.entry_of): scope, function, spawn
+    # site (or registry.LAZY_SITE: read from gevent's spawning_stack when
+    # asked) and start time, None once it ended.
+    __slots__ = ("_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started")
+
     _geventctx_attached = False
 
     def _attach_once(self) -> None:
@@ -174,8 +201,8 @@ class Greenlet(gevent.Greenlet):
         # Shown by gevent's run-info output (gevent.util.print_run_info) for
         # every greenlet: which request a hand-off belongs to, and its site.
         base: str = gevent.Greenlet.__repr__(self)
-        entry = _live.get(id(self))
-        if entry is None or entry[0]() is not self:
+        entry = _entry_of(self)
+        if entry is None:
             return base
         scope = entry[2]
         request = scope.label if scope is not None else "no request"
@@ -246,34 +273,33 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
 
     .. versionadded:: 0.1
     """
-    # attach(), with the common case of the site lookup inlined: this is
-    # the hot path measured by the P1 budget.
-    frame = _getframe(1)
-    filename = frame.f_code.co_filename
-    if filename.startswith(_INTERNAL_DIRS):
-        site = caller_site(frame)
-    else:
-        site = (filename, frame.f_lineno)
+    # attach() and bind(), inlined: this is the hot path of the P1 budget.
+    # The site is read lazily from the stack gevent records for every
+    # greenlet (spawning_stack), when a log or the registry asks for it.
     current = _SCOPE.get()
     if current is not None and current.thread != _get_ident():
         # In another thread (a ThreadPool task): made on the request's hub.
-        return _threads.on_owner_hub(current.hub, _spawn_at, site, function, args, kwargs)
+        return _threads.on_owner_hub(current.hub, _spawn_at, caller_site(_getframe(1)), function, args, kwargs)
     child = _Spawned(function, *args, **kwargs)
+    site = _LAZY_SITE if child.spawning_stack is not None else caller_site(_getframe(1))
     # pin_current_scope(), inlined (the scope and its thread are known).
     if current is None:
-        check_unmanaged(site)
+        check_unmanaged(registry.site_of_child_now(child, site))
         scope = None
         _note_thread_child(child)
+        _unscoped[id(child)] = _ref(child)
     elif current.acquire_for_handoff():
         scope = current
+        current.children[id(child)] = child
     else:
-        _late(current, site)
+        _late(current, registry.site_of_child_now(child, site))
         scope = None
-    # bind(), inlined too (a greenlet: no isinstance test needed).
+        _unscoped[id(child)] = _ref(child)
     child.gr_context = copy_context()
-    record = _live[id(child)] = (_ref(child), _ref(getcurrent()), scope, function, site, _monotonic())
-    if scope is not None:
-        scope.children[id(child)] = record
+    child._geventctx_scope = scope
+    child._geventctx_function = function
+    child._geventctx_site = site
+    child._geventctx_started = _monotonic()
     child.rawlink(_finished)
     _base_start(child)
     return child

@@ -31,12 +31,91 @@ _monotonic = time.monotonic
 _ref = weakref.ref
 
 #: (weakref to child, weakref to parent, scope, function, site, start time)
-Entry = t.Tuple["weakref.ref[t.Any]", "weakref.ref[t.Any]", "Scope | None", t.Any, "Site | None", float]
+Entry = t.Tuple["weakref.ref[t.Any]", t.Any, "Scope | None", t.Any, "Site | None", float]
 
-#: id(greenlet) -> entry, for running hand-offs only. An entry is removed by
-#: the greenlet's own link when it ends, before the greenlet can be freed, so
-#: an id is never reused while its entry is here.
+# The rule for records: a geventctx greenlet keeps its own record in its
+# slots (see handoff.Greenlet: no allocation on the spawn path), and is
+# indexed by its scope's ``children`` (``id`` -> child) or, outside a
+# request, by :data:`_unscoped`; anything else (a ThreadPool task's
+# AsyncResult, a plain gevent greenlet handed off) has an :data:`Entry`
+# in :data:`_live`, and its scope indexes the object itself. Either is
+# removed by the child's own end link, before the child can be freed, so
+# an id is never reused while it is indexed.
+
+#: id(child) -> entry, for running hand-offs that are not geventctx greenlets.
 _live: dict[int, Entry] = {}
+
+#: id(child) -> weakref to child, for running geventctx greenlets outside
+#: any request (weakly: nothing of a process-wide index keeps a child alive;
+#: a scope's own index holds its children for as long as the scope lives).
+_unscoped: dict[int, weakref.ref[t.Any]] = {}
+
+
+def _no_parent() -> None:
+    return None
+
+
+#: Where a child's record says the site is to be read from its spawning stack.
+LAZY_SITE: t.Any = ("<lazy>", 0)
+
+
+def entry_of(child: t.Any) -> Entry | None:
+    """The record of ``child`` as an :data:`Entry` if it is a running hand-off."""
+    started = getattr(child, "_geventctx_started", None)
+    if started is not None:
+        return (
+            _ref(child),
+            getattr(child, "spawning_greenlet", None) or _no_parent,
+            child._geventctx_scope,
+            child._geventctx_function,
+            site_of_child(child),
+            started,
+        )
+    found = _live.get(id(child))
+    if found is not None and found[0]() is child:
+        return found
+    return None
+
+
+def site_of_child(child: t.Any) -> Site | None:
+    """A geventctx greenlet's spawn site: given, or read (once) from the stack
+    gevent recorded when it was made; a helper's (Pool.map's) workers, made
+    with no user frame on that stack, report the helper's site."""
+    site = child._geventctx_site
+    if site is LAZY_SITE:
+        from ._site import site_of
+
+        site = site_of(getattr(child, "spawning_stack", None))
+        if site is None:
+            parent = getattr(child, "spawning_greenlet", None)
+            helper = entry_of(parent()) if parent is not None else None
+            site = helper[4] if helper is not None else None
+        child._geventctx_site = site
+    return t.cast("Site | None", site)
+
+
+def site_of_child_now(child: t.Any, site: t.Any) -> Site | None:
+    """``site`` of a child being made (``LAZY_SITE`` read now, for a warning)."""
+    if site is not LAZY_SITE:
+        return t.cast("Site | None", site)
+    child._geventctx_site = site
+    return site_of_child(child)
+
+
+def _entries() -> list[Entry]:
+    from .scope import _every_scope
+
+    children: dict[int, t.Any] = {}
+    for scope in list(_every_scope):
+        children.update(scope.children)
+    for key, ref in list(_unscoped.items()):
+        child = ref()
+        if child is not None:
+            children[key] = child
+    found = [entry for entry in map(entry_of, list(children.values())) if entry is not None]
+    seen = {id(entry[0]()) for entry in found}
+    found += [entry for key, entry in list(_live.items()) if key not in seen and entry[0]() is not None]
+    return found
 
 
 class HandOff:
@@ -91,20 +170,23 @@ def entry(
 
 def live() -> list[HandOff]:
     """A snapshot of the records of all running hand-offs, oldest first."""
-    return sorted(map(HandOff, list(_live.values())), key=lambda r: r.started_at)
+    return sorted(map(HandOff, _entries()), key=lambda r: r.started_at)
 
 
 def record_of(child: greenlet.greenlet) -> HandOff | None:
     """The record of ``child`` if it is a running hand-off."""
-    found = _live.get(id(child))
-    if found is not None and found[0]() is child:
-        return HandOff(found)
-    return None
+    found = entry_of(child)
+    return HandOff(found) if found is not None else None
+
+
+def scope_entries(scope: Scope) -> list[Entry]:
+    """The entries of the running hand-offs that hold ``scope`` (its own index)."""
+    return [entry for entry in map(entry_of, list(scope.children.values())) if entry is not None]
 
 
 def for_scope(scope: Scope) -> list[HandOff]:
     """The running hand-offs that hold ``scope`` (its own index: O(its children))."""
-    return sorted(map(HandOff, list(scope.children.values())), key=lambda r: r.started_at)
+    return sorted(map(HandOff, scope_entries(scope)), key=lambda r: r.started_at)
 
 
 def dump() -> str:
@@ -117,7 +199,7 @@ def dump() -> str:
         scopes[key] = record.scope
     if not groups:
         return "geventctx: no live hand-offs"
-    lines = [f"geventctx: {len(_live)} live hand-off(s)"]
+    lines = [f"geventctx: {sum(map(len, groups.values()))} live hand-off(s)"]
     for key, records in groups.items():
         scope = scopes[key]
         lines.append(f"  {scope.label if scope is not None else '(no request)'}: {scope!r}")

@@ -36,7 +36,7 @@ def _entries(scope: Scope) -> list[registry.Entry]:
     directly or through a nested scope (the children of a Flask request
     inside the middleware's): each scope's own index, O(its children),
     never the process's registry."""
-    entries = list(scope.children.values())
+    entries = registry.scope_entries(scope)
     for ref in list(scope.nested):
         inner = ref()
         if inner is not None and not inner.done:

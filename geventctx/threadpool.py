@@ -160,8 +160,8 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
                 scope.release()
             raise
         key = id(result)
-        record = _live[key] = (_ref(result), parent, scope, func, site, started)
+        _live[key] = (_ref(result), parent, scope, func, site, started)
         if scope is not None:
-            scope.children[key] = record
+            scope.children[key] = result
         result.rawlink(_finished)
         return result
