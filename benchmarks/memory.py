@@ -150,6 +150,61 @@ def handoffs(quick: bool) -> list[Row]:
     ]
 
 
+# -- GC-tracked objects per live hand-off ---------------------------------------------
+
+#: Live children per reading; the budget: geventctx's per child <= gevent's + 2.
+LIVE_CHILDREN = 2_000
+GC_OBJECTS_OVER = 2
+
+
+def _tracked_per_live_child(spawn: t.Callable[..., t.Any]) -> float:
+    """GC-tracked objects per child while LIVE_CHILDREN wait on one event."""
+    from gevent.event import Event
+
+    release = Event()
+    settle()
+    before = len(gc.get_objects())
+    children = [spawn(release.wait) for _ in range(LIVE_CHILDREN)]
+    gevent.sleep(0)  # every child runs and waits
+    gc.collect()
+    during = len(gc.get_objects()) - 1  # the list of children itself
+    release.set()
+    gevent.joinall(children)
+    del children
+    settle()
+    return (during - before) / LIVE_CHILDREN
+
+
+def gc_objects(quick: bool) -> list[Row]:
+    """GC-tracked objects a live hand-off holds, against gevent.spawn's."""
+    app = flask.Flask("bench_memory_gc_objects")
+    GeventContext(app)
+    readings: dict[str, float] = {}
+
+    @app.route("/live")
+    def view() -> str:
+        _VAR.set("req-1")
+        flask.g.user = "alice"
+        for _ in range(2):  # the second reading counts (warm caches)
+            readings["gevent"] = _tracked_per_live_child(gevent.spawn)
+            readings["geventctx"] = _tracked_per_live_child(geventctx.spawn)
+        return "ok"
+
+    assert app.test_client().get("/live").status_code == 200
+    base, ours = readings["gevent"], readings["geventctx"]
+    return [
+        Row("GC-tracked objects per live gevent.spawn child", base, "objects", note=f"{LIVE_CHILDREN} children waiting"),
+        Row(
+            "GC-tracked objects per live geventctx.spawn child",
+            ours,
+            "objects",
+            budget=f"P5 <= gevent's + {GC_OBJECTS_OVER}: {ours - base:+.1f}",
+            ok=ours <= base + GC_OBJECTS_OVER,
+            note="in a GeventContext request",
+        ),
+    ]
+
+
 # -- requests through a real server ---------------------------------------------------
 
 
@@ -248,4 +303,4 @@ def _leftovers() -> str:
 
 def run(quick: bool) -> list[Row]:
     """Both workloads; P5 rows."""
-    return handoffs(quick) + requests(quick)
+    return handoffs(quick) + gc_objects(quick) + requests(quick)
