@@ -25,8 +25,9 @@ The server sets ``TCP_NODELAY`` on its connections (see :func:`serve`).
 Every request is a keep-alive ``POST`` with a 64-byte body and an
 ``X-User`` header; the view spawns 4 children, joins them and answers with
 the sum of what they read (a fire-and-forget view answers at once, with
-the sum the children will compute; they count what they read). Children that see a ``g.user`` different from the header are
-counted and must be zero.
+the sum the children will compute; they count what they read). Children
+that see a ``g.user`` different from the header are counted and must be
+zero.
 
 The load comes from another process over loopback: ``wrk`` (Debian package
 ``wrk``) if it is on ``PATH``, else this file's pure-gevent client (``load``);

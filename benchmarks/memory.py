@@ -193,7 +193,9 @@ def gc_objects(quick: bool) -> list[Row]:
     assert app.test_client().get("/live").status_code == 200
     base, ours = readings["gevent"], readings["geventctx"]
     return [
-        Row("GC-tracked objects per live gevent.spawn child", base, "objects", note=f"{LIVE_CHILDREN} children waiting"),
+        Row(
+            "GC-tracked objects per live gevent.spawn child", base, "objects", note=f"{LIVE_CHILDREN} children waiting"
+        ),
         Row(
             "GC-tracked objects per live geventctx.spawn child",
             ours,

@@ -180,13 +180,11 @@ class Greenlet(gevent.Greenlet):
     # The hand-off's record (registry.entry_of): scope, function, spawn
     # site (or registry.LAZY_SITE: read from gevent's spawning_stack when
     # asked) and start time, None once it ended.
+    # Set (to a time, or None once ended) exactly when it was handed off.
     __slots__ = ("_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started")
 
-    _geventctx_attached = False
-
     def _attach_once(self) -> None:
-        if not self._geventctx_attached:
-            self._geventctx_attached = True
+        if not hasattr(self, "_geventctx_started"):
             attach(self, site_of(_getframe(2)), getattr(self, "_run", None))
 
     def start(self) -> None:
@@ -210,9 +208,8 @@ class Greenlet(gevent.Greenlet):
 
 
 class _Spawned(Greenlet):
-    # What spawn() returns: attached before it is started, so the class
-    # attribute saves a per-instance write on the hot path.
-    _geventctx_attached = True
+    # What spawn() returns (made and handed off by spawn() itself).
+    __slots__ = ()
 
 
 class _HandedOver:

@@ -51,7 +51,6 @@ class _ContextMappingMixin:
         # A hand-off that is not tracked by the pool (as in gevent); the
         # workers it spawns inherit its context and its spawn site.
         helper = Greenlet(function, *args)
-        helper._geventctx_attached = True
         attach(helper, site_of(_getframe(depth)), function)
         _base_start(helper)
         return helper
@@ -114,7 +113,6 @@ class _ContextMappingMixin:
             # the request scope from here; start it when the task succeeds.
             box: list[t.Any] = []
             runner = Greenlet(_call_with_value, callback, box)
-            runner._geventctx_attached = True
             attach(runner, site_of(_getframe(1)), callback)
 
             def _on_done(done: gevent.Greenlet) -> None:
@@ -151,7 +149,6 @@ class _HandOverMixin:
 
     def _spawn_handed_over(self, site: t.Any, args: t.Any, kwargs: t.Any) -> Greenlet:
         child = Greenlet(*args, **kwargs)
-        child._geventctx_attached = True
         hand_over_class(child)
         attach(child, site, getattr(child, "_run", None))
         self.start(child)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import typing as t
 import weakref
 
 from gevent import get_hub
@@ -31,17 +32,16 @@ POLICIES = ("wait", "kill")
 _logged: weakref.WeakSet[object] = weakref.WeakSet()
 
 
-def _entries(scope: Scope) -> list[registry.Entry]:
-    """The registry entries of the running hand-offs that hold ``scope``,
-    directly or through a nested scope (the children of a Flask request
-    inside the middleware's): each scope's own index, O(its children),
-    never the process's registry."""
-    entries = registry.scope_entries(scope)
+def _children(scope: Scope) -> list[t.Any]:
+    """The running hand-offs that hold ``scope``, directly or through a
+    nested scope (the children of a Flask request inside the middleware's):
+    each scope's own index, O(its children), never the process's registry."""
+    children = list(scope.children.values())
     for ref in list(scope.nested):
         inner = ref()
         if inner is not None and not inner.done:
-            entries.extend(_entries(inner))
-    return entries
+            children.extend(_children(inner))
+    return children
 
 
 def outliving_response(scope: Scope, timeout: float | None, policy: str) -> None:
@@ -77,10 +77,7 @@ def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
         done_at = scope.owner_done_at
         since = time.monotonic() - done_at if done_at is not None else timeout
         doomed = []
-        for entry in _entries(scope):
-            child = entry[0]()
-            if child is None:
-                continue
+        for child in _children(scope):
             # A ThreadPool task (its AsyncResult) cannot be killed.
             kill = getattr(child, "kill", None) if policy == "kill" else None
             if child in mine:
@@ -93,7 +90,9 @@ def watch(scope: Scope, timeout: float | None, policy: str = "wait") -> None:
             elif child in _logged:
                 continue  # another adapter's watcher logged it already
             _logged.add(child)
-            record = registry.HandOff(entry)
+            record = registry.record_of(child)
+            if record is None:
+                continue  # it ended meanwhile
             log.warning(
                 "straggler: child %s of request %s (spawned at %s) still runs %.1fs after the response%s",
                 getattr(record.function, "__qualname__", None) or repr(record.function),
