@@ -319,7 +319,9 @@ class GeventContext:
     # its scope (teardown_request, request.close(), teardown_appcontext;
     # then the response's close()), taken over once each and run in Flask's
     # order when the request and its children are done, with the exception
-    # Flask settled on. The request itself ends at the last teardown call of
+    # Flask settled on. A call made while nothing waits (no child holds the
+    # request, no step is deferred, no stream is still to run) is Flask's
+    # own, in place: what most requests pay is one check per call. The request itself ends at the last teardown call of
     # Flask's last pop of its contexts (teardown_appcontext of the app
     # context it pushed, else request.close()) — for a stream_with_context
     # response at the stream's end — or at the latest when the response is
