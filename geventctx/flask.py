@@ -440,12 +440,7 @@ def _nothing_to_wait_for(scope: Scope) -> bool:
     """True if a teardown call of ``scope``'s request may run now, in place:
     nothing holds the request but the request itself, no deferred step
     waits, and no ``stream_with_context`` stream is still to run."""
-    return (
-        scope.holders == 1
-        and not scope.has_steps
-        and not scope.owner_done
-        and not compat.stream_pending(scope.extras.get("response"))
-    )
+    return scope.idle and not compat.stream_pending(scope.extras.get("response"))
 
 
 def _run_in_place(scope: Scope, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> None:
@@ -582,14 +577,13 @@ class _End:
         return stream is not None and bool(stream.gi_running)
 
 
-_ends: weakref.WeakKeyDictionary[Scope, _End] = weakref.WeakKeyDictionary()
-
-
 def _end_of(scope: Scope) -> _End:
-    end = _ends.get(scope)
+    # Kept in the scope's adapter slot: it outlives the scope's extras,
+    # for Flask's repeats after the request's teardown ran.
+    end = scope.adapter
     if end is None:
-        end = _ends[scope] = _End()
-    return end
+        end = scope.adapter = _End()
+    return t.cast(_End, end)
 
 
 def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:

@@ -86,6 +86,7 @@ class Scope:
         "thread",
         "hub",
         "_raising",
+        "adapter",
         "__weakref__",
     )
 
@@ -124,6 +125,9 @@ class Scope:
         #: Called (with no arguments) when a hand-off acquires the scope, if
         #: set; adapters use it to act at the first hand-off of a request.
         self.on_handoff: t.Callable[[], None] | None = None
+        #: What the adapter that made the scope keeps of it beyond its end
+        #: (unlike :attr:`extras`, not cleared when the scope is done).
+        self.adapter: t.Any = None
         _every_scope.add(self)
 
     def __repr__(self) -> str:
@@ -198,9 +202,11 @@ class Scope:
             self._raising = False
 
     @property
-    def has_steps(self) -> bool:
-        """True if close callbacks (steps) wait for the scope's end."""
-        return bool(self._callbacks)
+    def idle(self) -> bool:
+        """True if only the request itself holds the scope, it has not
+        finished, and no close callback (step) waits: what would be
+        deferred may as well run now."""
+        return self._holders == 1 and not self._callbacks and self.owner_done_at is None
 
     @property
     def done(self) -> bool:
@@ -257,6 +263,9 @@ class Scope:
         self.closed = True
         if self._running:
             return  # the step runner holds no more: its loop goes on
+        if not self._callbacks:
+            self._finish_steps()  # no step to run: no Context to enter
+            return
         if isinstance(getcurrent(), Hub):
             # The last holder left from a link callback in the hub, where
             # callbacks must not block: run them in a greenlet of their own
