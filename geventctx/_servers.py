@@ -193,6 +193,25 @@ def close_connection(environ: dict[str, t.Any], raw: t.Any) -> bool:
     instead of reading the rest of a broken body (or as the next request).
     Returns ``False`` on a server it does not know.
     """
+    if not shut_reading(environ, raw):
+        return False
+    # Bytes the server already buffered must not be parsed as a request.
+    rfile = getattr(raw, "rfile", None)
+    read1 = getattr(rfile, "read1", None)
+    if read1 is not None:
+        try:
+            for _ in range(64):
+                if not read1(65536):
+                    break
+        except (OSError, ValueError, RuntimeError):
+            pass  # RuntimeError: a reader still inside the buffered reader
+    return True
+
+
+def shut_reading(environ: dict[str, t.Any], raw: t.Any) -> bool:
+    """Shut the reading side of the request's connection: a read waiting on
+    it ends at once (at an end of file). ``False`` on a server it does not
+    know."""
     sock = _socket_of(environ, raw)
     if sock is None:
         return False
@@ -207,14 +226,4 @@ def close_connection(environ: dict[str, t.Any], raw: t.Any) -> bool:
         sock.shutdown(_stdlib_socket.SHUT_RD)
     except OSError:
         pass  # already gone
-    # Bytes the server already buffered must not be parsed as a request.
-    rfile = getattr(raw, "rfile", None)
-    read1 = getattr(rfile, "read1", None)
-    if read1 is not None:
-        try:
-            for _ in range(64):
-                if not read1(65536):
-                    break
-        except (OSError, ValueError):
-            pass
     return True

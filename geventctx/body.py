@@ -350,7 +350,19 @@ class SharedBody(_Reader):
             self._failed(exc)
         finally:
             self._pump = None
+            if not spool.done and self._others_wait(target):
+                # Another reader (a thread task: it does not re-check at
+                # once) needs more than this one did: the pump goes on.
+                self._start_pump()
             self._changes.notify()
+
+    def _others_wait(self, own: int) -> bool:
+        """True if a reader other than the one with target ``own`` waits
+        for bytes that have not arrived."""
+        pending = [target for target in self._targets if target > self._spool.size]
+        if own in pending:
+            pending.remove(own)
+        return bool(pending)
 
     def _pump_once(self, wanted: int, seconds: float | None) -> bool:
         """One read off the server's input into the spool; ``False``: stop."""
@@ -563,11 +575,14 @@ class SharedBody(_Reader):
         try:
             if killed:
                 self._abort()
-                if not self._spool.done:
-                    # Nobody may read it later from a drained input.
+                if not self._spool.ended and self._spool.error is None:
+                    # Not read to its end (released by teardown already, or
+                    # not): the input is out of step, and nobody may read
+                    # the rest later from a drained input.
                     self.broken = True
-                    self._spool.fail(BodyReadError("the request was stopped before its body was read"))
-                    self._changes.notify()
+                    if not self._spool.done:
+                        self._spool.fail(BodyReadError("the request was stopped before its body was read"))
+                        self._changes.notify()
                 return
             if children and not self._spool.done:
                 if not self._opened:
@@ -628,10 +643,12 @@ class SharedBody(_Reader):
         if pump is None:
             return
         self.broken = True
-        if pump is not _INLINE:
-            # A reader reading inline is not stopped (it may be a child
-            # that lives on); its read is bounded by the timeout, and the
-            # connection, out of step, is shut down.
+        if pump is _INLINE:
+            # A reader reading inline is not killed (it may be a child that
+            # lives on): the connection's reading side is shut instead, so
+            # its read ends at once (the body fails for every reader).
+            _servers.shut_reading(self._environ, self.raw)
+        else:
             self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
         self._changes.wait(lambda: self._pump is None, timeout=1.0)
 

@@ -550,8 +550,10 @@ def _defer_request_close(request: t.Any) -> bool:
         if scope is None or scope.done:
             return False
         state["_geventctx_close_deferred"] = True
-        if _nothing_to_wait_for(scope):
-            _run_in_place(scope, request.close_now)  # see _take_over
+        if _nothing_to_wait_for(scope) and compat.request_ctx() is scope.extras["contexts"][1]:
+            # The request's own pop (not a copy's, copy_current_request_context:
+            # the view still uses the request), and nothing waits: in place.
+            _run_in_place(scope, request.close_now)
         else:
             scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
     if scope is not None and _end_of(scope).last == "request_close":

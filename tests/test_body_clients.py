@@ -1102,3 +1102,121 @@ def test_a_reader_interrupted_while_it_reads_the_socket_itself_loses_nothing(ser
     assert notes.results["error_after_interrupt"] is None
     assert response.status == 200 and response.body == f"{sha(body)},{sha(body)}".encode()
     assert not notes.body.broken
+
+
+def test_a_view_whose_own_timeout_escapes_its_inline_read_gets_a_500_and_the_connection_closes(serve):
+    # The view's gevent.Timeout interrupts its own read of a stalled body and
+    # escapes: the request is killed after its teardown released the body.
+    # The input is out of step: the connection is shut at once (not drained
+    # by pywsgi for as long as the client stalls).
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=None)
+
+    @app.post("/read")
+    def read() -> str:
+        notes.body = request.shared_body()
+        with gevent.Timeout(0.2):
+            request.get_data()
+        return "never"
+
+    server = serve(app)
+    client = stall(server, "/read", announced=10_000, sent=1000)
+    try:
+        response = client.read_response(WAIT)
+        assert response.status == 500
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+    assert notes.teardowns and isinstance(notes.teardowns[0], gevent.Timeout)
+    assert notes.body.broken
+
+
+def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_once(serve, capfd):
+    # The child reads the stalled body itself when the request is killed
+    # (the view's own Timeout escapes): the connection's reading side is
+    # shut, so the child's read ends now with an error — never a short body,
+    # and no second reader inside the server's buffered reader.
+    app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=None)
+
+    @app.post("/read")
+    def read() -> str:
+        notes.body = request.shared_body()
+        child = geventctx.spawn(digest_or_error)
+        notes.results["child"] = child
+        wait_for(lambda: notes.body.reading, WAIT, "the child reading inline")
+        raise gevent.Timeout(0.01)
+
+    server = serve(app)
+    client = stall(server, "/read", announced=10_000, sent=1000)
+    try:
+        assert client.read_response(WAIT).status == 500
+        assert client.closed_by_server(WAIT)
+        wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown after the child")
+    finally:
+        client.close()
+    child = notes.results["child"]
+    assert isinstance(child.value, Exception), child.value
+    assert "reentrant call" not in capfd.readouterr().err
+
+
+def test_the_pop_of_a_copied_request_context_does_not_close_the_request_under_the_view(serve):
+    # copy_current_request_context's copy pops and calls request.close() on
+    # the shared request: with no child holding the request, that must not
+    # run in place — the view still reads its uploaded file afterwards.
+    from flask import copy_current_request_context
+
+    app, notes = flask_app()
+
+    @app.post("/upload")
+    def upload() -> str:
+        upload = request.files["f"]
+
+        @copy_current_request_context
+        def work() -> int:
+            return len(request.files["f"].read())
+
+        read_in_copy = work()
+        upload.seek(0)
+        return f"{read_in_copy},{len(upload.read())}"
+
+    server = serve(app)
+    body, content_type = multipart({}, {"f": ("f.txt", b"F" * 3000)})
+    client = RawClient(server.port)
+    client.send_head("POST", "/upload", {"Content-Length": str(len(body)), "Content-Type": content_type})
+    client.send(body)
+    try:
+        assert client.read_response(WAIT).body == b"3000,3000"
+    finally:
+        client.close()
+
+
+def test_a_thread_task_waiting_for_more_than_an_inline_reader_gets_the_pump(serve):
+    # A greenlet reads 10 bytes itself while a ThreadPool task waits for the
+    # whole body: when the greenlet has its bytes, the pump takes over for
+    # the task (which re-checks only now and then) instead of nobody reading.
+    app, notes = flask_app()
+    pool = geventctx.ThreadPool(1)
+
+    @app.post("/read")
+    def read() -> str:
+        notes.body = request.shared_body()
+        reader = geventctx.spawn(request.stream.read, 10)
+        wait_for(lambda: notes.body.reading, WAIT, "the greenlet reading inline")
+        task = pool.spawn(lambda: sha(request.get_data()))
+        first = reader.get(timeout=WAIT)
+        notes.results["reading_after_the_greenlet"] = notes.body.reading
+        return f"{len(first)},{task.get(timeout=WAIT)}"
+
+    server = serve(app)
+    body = os.urandom(20_000)
+    client = RawClient(server.port)
+    client.send_head("POST", "/read", {"Content-Length": str(len(body)), "Connection": "close"})
+    try:
+        wait_for(lambda: notes.body is not None and notes.body.waiting == 2, WAIT, "both readers")
+        client.send(body[:10])
+        wait_for(lambda: "reading_after_the_greenlet" in notes.results, WAIT, "the greenlet's read")
+        client.send(body[10:])
+        assert client.read_response(WAIT).body == f"10,{sha(body)}".encode()
+    finally:
+        client.close()
+        pool.kill()
+    assert notes.results["reading_after_the_greenlet"] is True
