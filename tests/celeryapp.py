@@ -40,6 +40,8 @@ tenant: ContextVar[str] = carry(ContextVar("tenant"), name="tenant_name")
 user: ContextVar[User] = carry(
     ContextVar("user"), dumps=lambda u: {"id": u.id, "name": u.name}, loads=lambda d: User(d["id"], d["name"])
 )
+#: What the worker itself sets ``tenant`` to at import (see the end).
+WORKER_LEVEL_TENANT = "worker-level-tenant"
 #: Set by the publisher too, but never declared: it must not travel.
 undeclared: ContextVar[str] = ContextVar("undeclared")
 
@@ -66,6 +68,7 @@ def make_app(config: dict[str, str], installed: bool = True) -> celery.Celery:
     settings: dict[str, t.Any] = fs_broker(workdir) if broker == "filesystem" else {"broker_url": broker}
     (workdir / "results").mkdir(parents=True, exist_ok=True)
     (workdir / "postrun").mkdir(parents=True, exist_ok=True)
+    (workdir / "started").mkdir(parents=True, exist_ok=True)
     app.conf.update(
         settings,
         result_backend=f"file://{workdir / 'results'}",
@@ -81,7 +84,7 @@ def make_app(config: dict[str, str], installed: bool = True) -> celery.Celery:
 
 
 def define_tasks(app: celery.Celery) -> None:
-    @app.task(name="observe", bind=True)
+    @app.task(name="observe", shared=False, bind=True)
     def observe(self: t.Any, *prev: t.Any, tag: str = "", pause: float = 0.0) -> dict[str, t.Any]:
         before = seen()
         if pause:
@@ -89,49 +92,51 @@ def define_tasks(app: celery.Celery) -> None:
         after = seen()
         return {"tag": tag, "prev": list(prev), "seen": before, "stable": before == after, "id": self.request.id}
 
-    @app.task(name="overwrite")
+    @app.task(name="overwrite", shared=False)
     def overwrite(tag: str = "") -> dict[str, t.Any]:
         # A task's own writes: they must not reach the next task.
         request_id.set(f"overwritten-by-{tag}")
         tenant.set("overwritten")
         return {"tag": tag, "seen": seen()}
 
-    @app.task(name="children")
+    @app.task(name="children", shared=False)
     def children(tag: str = "") -> dict[str, t.Any]:
         kids = [geventctx.spawn(seen) for _ in range(3)]
         return {"tag": tag, "seen": seen(), "children": [k.get(timeout=10) for k in kids]}
 
-    @app.task(name="publish_inner", bind=True)
+    @app.task(name="publish_inner", shared=False, bind=True)
     def publish_inner(self: t.Any, tag: str = "", set_tenant: str | None = None) -> dict[str, t.Any]:
         if set_tenant is not None:
             tenant.set(set_tenant)
         inner = app.signature("observe", kwargs={"tag": f"{tag}-inner"}).apply_async()
         return {"tag": tag, "seen": seen(), "inner": inner.id}
 
-    @app.task(name="fail")
+    @app.task(name="fail", shared=False)
     def fail(tag: str = "") -> None:
         raise ValueError(f"fail {tag} with {request_id.get(None)}")
 
-    @app.task(name="retry_once", bind=True, max_retries=3)
+    @app.task(name="retry_once", shared=False, bind=True, max_retries=3)
     def retry_once(self: t.Any, tag: str = "") -> dict[str, t.Any]:
         if self.request.retries == 0:
             raise self.retry(countdown=0.05)
         return {"tag": tag, "seen": seen(), "retries": self.request.retries}
 
-    @app.task(name="slow", bind=True)
+    @app.task(name="slow", shared=False, bind=True)
     def slow(self: t.Any, tag: str = "", seconds: float = 30.0) -> dict[str, t.Any]:
         first = seen()
+        if _WORKDIR is not None:
+            (Path(_WORKDIR) / "started" / str(self.request.id)).write_text("")
         try:
             time.sleep(seconds)
         except SoftTimeLimitExceeded:
             return {"tag": tag, "seen": first, "soft_limited": True, "then": seen()}
         return {"tag": tag, "seen": first, "soft_limited": False}
 
-    @app.task(name="collect")
+    @app.task(name="collect", shared=False)
     def collect(results: list[t.Any], tag: str = "") -> dict[str, t.Any]:
         return {"tag": tag, "seen": seen(), "results": results}
 
-    @app.task(name="where")
+    @app.task(name="where", shared=False)
     def where() -> dict[str, t.Any]:
         return {"pid": os.getpid(), "thread": threading.get_ident(), "seen": seen()}
 
@@ -159,3 +164,6 @@ if _config:  # in the worker
     app = make_app(json.loads(_config), installed=os.environ.get("CELERYAPP_INSTALL", "1") == "1")
     signals.task_postrun.connect(_postrun, weak=False)
     signals.worker_ready.connect(_ready, weak=False)
+    # A worker-level value of a declared variable (prefork children and the
+    # pool's threads start from it, or not): never a task's.
+    tenant.set(WORKER_LEVEL_TENANT)
