@@ -195,7 +195,9 @@ def encode_current(settings: _Settings = _DEFAULTS, task_name: str = "?") -> str
                 try:
                     value = declared.dumps(value)
                 except Exception as exc:
-                    _refuse(settings, f"{declared.name!r} cannot travel with task {task_name}: its dumps raised {exc!r}")
+                    _refuse(
+                        settings, f"{declared.name!r} cannot travel with task {task_name}: its dumps raised {exc!r}"
+                    )
                     continue
             values[declared.name] = value
     if not values:
@@ -264,14 +266,14 @@ def _carrying_sender(app: t.Any, send: t.Callable[..., t.Any]) -> t.Callable[...
     return send_task_message
 
 
-class CarryingAMQP(_AMQP):  # type: ignore[misc]
+class CarryingAMQP(_AMQP):
     """The app's AMQP class once installed: its ``send_task_message`` (made
     once per app, from the configuration) puts the header on every message.
 
     .. versionadded:: 0.2
     """
 
-    @_cached_property  # type: ignore[misc]
+    @_cached_property
     def send_task_message(self) -> t.Callable[..., t.Any]:
         return _carrying_sender(self.app, super().send_task_message)
 
@@ -286,7 +288,7 @@ def _install_sender(app: t.Any) -> None:
         amqp = app.amqp
         amqp.send_task_message = _carrying_sender(app, amqp.send_task_message)
         return
-    cls = _symbol_by_name(app.amqp_cls)
+    cls: type = _symbol_by_name(app.amqp_cls)  # type: ignore[no-untyped-call]
     if not issubclass(cls, CarryingAMQP):
         made = _carrying_amqp_classes.get(cls)
         if made is None:

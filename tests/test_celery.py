@@ -25,7 +25,7 @@ import celery
 import gevent
 import pytest
 from celeryapp import WORKER_LEVEL_TENANT, User, define_tasks, make_app, request_id, seen, tenant, undeclared, user
-from celerykit import Worker, redis_server
+from celerykit import Worker, close_all, redis_server
 from flask import Flask, jsonify, request
 
 import geventctx
@@ -122,8 +122,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[dict[str, De
             worker.wait_ready()
         yield {name: Deployment(worker) for name, worker in started.items()}
     finally:
-        for worker in started.values():
-            worker.close()
+        close_all(started.values())
         assert all(w.proc.proc.returncode is not None for w in started.values())
 
 
@@ -391,7 +390,7 @@ def test_each_pool_runs_tasks_with_their_values_and_resets_after_every_outcome(w
     retried = publish("retry", "retry_once")
     nothing = deployment.send("observe", tag="bare")  # published with no values at all
 
-    assert deployment.get(returned)["seen"]["request_id"] == f"overwritten-by-return"
+    assert deployment.get(returned)["seen"]["request_id"] == "overwritten-by-return"
     with pytest.raises(ValueError, match=f"with r-{pool}-raise"):
         deployment.get(raised)
     assert carried_part(deployment.get(retried)["seen"]) == expected(f"r-{pool}-retry")
