@@ -11,6 +11,7 @@ gevent.pywsgi with :class:`~geventctx.flask.GeventContext`, or plain code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -534,7 +535,8 @@ def test_eager_tasks_see_the_values_and_cannot_leak_writes_back(eager_app):
         return out, overwritten, request_id.get(), tenant.get()
 
     out, overwritten, rid_after, tenant_after = in_context(call)
-    assert carried_part(out["seen"]) == expected("r-eager")
+    # (The caller's process is the worker: its undeclared values are there too.)
+    assert carried_part(out["seen"]) == dict(expected("r-eager"), undeclared="must-not-travel")
     assert overwritten["seen"]["request_id"] == "overwritten-by-e"
     assert (rid_after, tenant_after) == ("r-eager", "tenant-of-r-eager")  # the caller's, untouched
 
@@ -542,14 +544,23 @@ def test_eager_tasks_see_the_values_and_cannot_leak_writes_back(eager_app):
 def test_eager_values_go_through_their_codecs_and_refuse_at_the_call(eager_app):
     def call():
         declared("r-codec", 5)
-        out = eager_app.signature("observe").delay().get()
+        out = eager_app.tasks["children"].delay().get()  # reads user.get() in the task: a User again
         request_id.set(object())  # type: ignore[arg-type]
         with pytest.raises(CarryError):
             eager_app.signature("observe").delay()
         return out
 
     out = in_context(call)
-    assert out["seen"]["user"] == [5, "user-5"]  # User -> dict -> User
+    assert out["seen"]["user"] == [5, "user-5"]
+
+    def identity():
+        sent = User(9, "ada")
+        user.set(sent)
+        got = eager_app.tasks["user_object"].delay().get()
+        return sent, got
+
+    sent, got = in_context(identity)
+    assert got == sent and got is not sent  # User -> dumps -> loads -> a User again, as in a worker
 
 
 def test_eager_canvas_carries_the_values(eager_app):
@@ -563,7 +574,7 @@ def test_eager_canvas_carries_the_values(eager_app):
         return chained.get(), grouped.get(), chorded.get()
 
     chained, grouped, chorded = in_context(call)
-    want = expected("r-eager-canvas")
+    want = dict(expected("r-eager-canvas"), undeclared="must-not-travel")
     assert carried_part(chained["seen"]) == carried_part(chained["prev"][0]["seen"]) == want
     assert [carried_part(g["seen"]) for g in grouped] == [want] * 2
     assert carried_part(chorded["seen"]) == want
@@ -605,3 +616,39 @@ def test_200_concurrent_requests_each_see_only_their_own_values(broker, serve, t
             out = result.get()
             mismatches += carried_part(out["seen"]) != expected(f"load-{i}", i)
     assert (mismatches, lost) == (0, 0), broker.worker.context()
+
+
+# -- next to OpenTelemetry's own Celery propagation ------------------------
+
+
+def test_opentelemetry_celery_spans_still_parent_inside_a_carrying_task(eager_app, caplog):
+    otel_sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk is a test dependency")
+    celery_otel = pytest.importorskip("opentelemetry.instrumentation.celery", reason="a test dependency")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = otel_sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("geventctx-test")
+
+    @eager_app.task(name="traced", shared=False)
+    def traced() -> str | None:
+        with tracer.start_as_current_span("inside"):
+            return request_id.get(None)
+
+    instrumentor = celery_otel.CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        def call() -> t.Any:
+            request_id.set("r-otel")
+            return traced.delay().get()
+
+        with caplog.at_level(logging.ERROR):
+            assert in_context(call) == "r-otel"
+    finally:
+        instrumentor.uninstrument()
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    run = next(span for name, span in spans.items() if name.startswith("run/"))
+    assert spans["inside"].parent.span_id == run.context.span_id  # their span is current in the task body
+    assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
