@@ -78,6 +78,7 @@ __all__ = [
     "HEADER",
     "carry",
     "carried",
+    "encode_current",
     "install",
     "parent_task_id",
     "task_id",
@@ -182,12 +183,20 @@ def _refuse(settings: _Settings, message: str) -> None:
     warnings.warn(message, CarryWarning, stacklevel=2)
 
 
-def encode_current(settings: _Settings = _DEFAULTS, task_name: str = "?") -> str | None:
-    """The header a publish made here would carry (``None``: nothing set).
+def encode_current(app: t.Any = None) -> str | None:
+    """The ``geventctx`` header a publish made here (to ``app``) would carry:
+    JSON text, or ``None`` when no declared variable is set.
 
-    Raises :class:`CarryError` for a value that cannot travel or a header
-    over the limit (with ``on_error="warn"``: warns and leaves it out).
+    Raises :class:`~geventctx.CarryError` for a value that cannot travel or
+    a header over the limit (with ``install(app, on_error="warn")``: warns
+    and leaves it out).
+
+    .. versionadded:: 0.2
     """
+    return _encode(_settings_of(app), "?")
+
+
+def _encode(settings: _Settings, task_name: str) -> str | None:
     context = copy_context()
     values: dict[str, t.Any] = {}
     for declared in _declared:
@@ -248,7 +257,7 @@ def _header_for_publish(app: t.Any, task_name: str) -> str | None:
             if not request.is_eager:
                 header = request.get(HEADER)
                 return header if isinstance(header, str) else None
-    return encode_current(_settings_of(app), task_name)
+    return _encode(_settings_of(app), task_name)
 
 
 def _carrying_sender(app: t.Any, send: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
@@ -313,7 +322,7 @@ def _bad_header(task: t.Any, request: t.Any, why: str) -> dict[ContextVar[t.Any]
     return {}
 
 
-def decode(task: t.Any, request: t.Any, header: t.Any) -> dict[ContextVar[t.Any], t.Any]:
+def _decode(task: t.Any, request: t.Any, header: t.Any) -> dict[ContextVar[t.Any], t.Any]:
     """The declared variables and values a task's ``header`` carries.
 
     A header that is not ours (not JSON text of an object) or a value its
@@ -404,7 +413,7 @@ class CarryingTask:
         header = request.get(HEADER)
         if header is None and request.is_eager:
             header = (request.headers or {}).get(HEADER)
-        values = {} if header is None else decode(self, request, header)
+        values = {} if header is None else _decode(self, request, header)
         return _task_context(values).run(_body, request, values, call, args, kwargs)
 
     def apply(self, args: t.Any = None, kwargs: t.Any = None, *more: t.Any, **options: t.Any) -> t.Any:
