@@ -63,6 +63,7 @@ import warnings
 from contextvars import Context, ContextVar, copy_context
 
 try:
+    from celery import signals as _signals
     from celery._state import _task_stack
     from celery.app.amqp import AMQP as _AMQP
     from celery.app.task import Task as _BaseTask
@@ -91,13 +92,12 @@ HEADER = "geventctx"
 #: ``install(app, max_header_bytes=...)`` default: 8 KiB of encoded header.
 DEFAULT_MAX_HEADER_BYTES = 8192
 
-#: The running task's id, set for the task's body (``None`` outside a task).
+#: The running task's id, set for the task's body (``None`` outside a task;
+#: set exactly in a task body's own Context and the hand-offs made from it).
 task_id: ContextVar[str | None] = ContextVar("geventctx.celery.task_id", default=None)
 #: The id of the task that published the running one, if a task did.
 parent_task_id: ContextVar[str | None] = ContextVar("geventctx.celery.parent_task_id", default=None)
 
-# True in a task body's own Context (and the hand-offs made from it).
-_IN_BODY: ContextVar[bool] = ContextVar("geventctx.celery._in_body", default=False)
 
 _OnError = t.Literal["raise", "warn"]
 _encoder = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
@@ -246,11 +246,26 @@ def _encode_safe(settings: _Settings, task_name: str, values: dict[str, t.Any]) 
     return _encoder.encode(values) if values else ""
 
 
+# True once this process is a worker: worker_init was sent, or a task ran here
+# from a message.
+_in_worker = False
+
+
+def _worker_started(**_: t.Any) -> None:
+    global _in_worker
+    _in_worker = True
+
+
+_signals.worker_init.connect(_worker_started, weak=False)
+
+
 def _header_for_publish(app: t.Any, task_name: str) -> str | None:
-    if not _IN_BODY.get():
-        # Outside any task body: in the worker, the tracer publishing for
-        # the task it runs (its chain's next link, its callbacks) passes
-        # that task's header on; anywhere else the current Context counts.
+    if _in_worker and task_id.get() is None:
+        # Outside any task body in a worker: the tracer publishing for the
+        # task it runs (its chain's next link, its callbacks) passes that
+        # task's header on; anywhere else the current Context counts.
+        # (Only in a worker: reading Celery's task stack costs ~3 µs, the
+        # publish budget.)
         task = app.current_worker_task if _task_stack.top is not None else None
         if task is not None:
             request = task.request
@@ -381,7 +396,6 @@ def _body(
     kwargs: dict[str, t.Any],
 ) -> t.Any:
     # Runs in the task's own Context: every set here ends with it.
-    _IN_BODY.set(True)
     task_id.set(request.id)
     parent_task_id.set(request.parent_id)
     for var, value in values.items():
@@ -411,8 +425,11 @@ class CarryingTask:
         # worker-side budget).
         call = self.run if plain else super().__call__  # type: ignore[attr-defined,misc]
         header = request.get(HEADER)
-        if header is None and request.is_eager:
-            header = (request.headers or {}).get(HEADER)
+        if request.is_eager:
+            if header is None:
+                header = (request.headers or {}).get(HEADER)
+        elif not _in_worker:
+            _worker_started()
         values = {} if header is None else _decode(self, request, header)
         return _task_context(values).run(_body, request, values, call, args, kwargs)
 

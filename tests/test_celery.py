@@ -311,8 +311,11 @@ def publishing_app(deployment: Deployment, threadpool: geventctx.ThreadPool) -> 
     def everywhere() -> t.Any:
         after = str(uuid.uuid4())
 
+        scope = geventctx.current_scope()
+
         def after_the_response() -> None:
-            gevent.sleep(0.05)
+            while not scope.response_started:
+                gevent.sleep(0.005)
             send("after", task_id=after)
 
         geventctx.spawn(after_the_response)
