@@ -235,7 +235,12 @@ def test_on_error_warn_sends_the_task_without_what_cannot_travel(gevent_worker):
 
 @pytest.mark.parametrize(
     "header, why",
-    [("not json {", "is not JSON"), ('["a list"]', "holds a list"), ('{"user": 5}', "loads refused")],
+    [
+        ("not json {", "is not JSON"),
+        ('["a list"]', "holds a list"),
+        ('{"user": 5}', "loads refused"),
+        ({"request_id": "another library's"}, "is a dict"),  # foreign: someone else's header of that name
+    ],
 )
 def test_a_malformed_header_runs_the_task_without_values_and_warns_once(gevent_worker, header, why):
     def publish():
@@ -446,12 +451,15 @@ def test_a_soft_time_limit_in_prefork_keeps_the_values_until_the_task_ends(worke
     assert_nothing_left(deployment.postrun(result.id))
 
 
-def test_geventctx_spawn_inside_a_task_hands_the_task_context_to_children(gevent_worker):
+@pytest.mark.parametrize("pool", ["gevent", "threads", "prefork"])
+def test_geventctx_spawn_inside_a_task_hands_the_task_context_to_children(workers, pool):
+    deployment = workers[pool]
+
     def publish():
         declared("r-kids")
-        return gevent_worker.send("children")
+        return deployment.send("children")
 
-    out = gevent_worker.get(in_context(publish))
+    out = deployment.get(in_context(publish))
     assert [carried_part(c) for c in out["children"]] == [expected("r-kids")] * 3
     assert {c["task_id"] for c in out["children"]} == {out["seen"]["task_id"]}
 
