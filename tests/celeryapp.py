@@ -83,7 +83,18 @@ def make_app(config: dict[str, str], installed: bool = True) -> celery.Celery:
     return app
 
 
+class PlainBase(celery.Task):  # type: ignore[misc]
+    """A base of the user's made from celery.Task, not app.Task: install()
+    gives its tasks the mixin when the app is finalized."""
+
+
 def define_tasks(app: celery.Celery) -> None:
+    @app.task(name="foreign_base", shared=False, base=PlainBase)
+    def foreign_base() -> dict[str, t.Any]:
+        out = {"seen": seen()}
+        request_id.set("written-by-foreign-base")
+        return out
+
     @app.task(name="observe", shared=False, bind=True)
     def observe(self: t.Any, *prev: t.Any, tag: str = "", pause: float = 0.0) -> dict[str, t.Any]:
         before = seen()

@@ -591,6 +591,19 @@ def test_eager_canvas_carries_the_values(eager_app):
     assert carried_part(chorded["seen"]) == want
 
 
+def test_a_task_from_another_base_class_carries_too(gevent_worker, eager_app):
+    def publish():
+        declared("r-foreign")
+        result = gevent_worker.send("foreign_base")
+        eager_app.finalize()
+        eager = eager_app.tasks["foreign_base"].delay().get()
+        return result, eager, request_id.get()
+
+    result, eager, after = in_context(publish)
+    assert carried_part(gevent_worker.get(result)["seen"]) == expected("r-foreign")
+    assert eager["seen"]["request_id"] == "r-foreign" and after == "r-foreign"  # and no write leaked back
+
+
 def test_a_task_called_directly_is_a_plain_call(eager_app):
     def call():
         declared("r-direct")
