@@ -32,10 +32,10 @@ The mechanisms, each with its reason:
 
 - Publish side: :func:`install` gives the app an AMQP class whose
   ``send_task_message`` adds the header: the one function every task
-  message goes through (``delay``,
-  ``apply_async``, signatures, canvases, ``send_task``, ``retry``). Not the
-  ``before_task_publish`` signal: Celery logs and swallows what a signal
-  receiver raises, so a value that cannot travel would silently be lost.
+  message goes through (``delay``, ``apply_async``, signatures, canvases,
+  ``send_task``, ``retry``). Not the ``before_task_publish`` signal: Celery
+  logs and swallows what a signal receiver raises, so a value that cannot
+  travel would silently be lost.
 - Worker side: a ``__call__`` on the app's task class (``app.Task``; a task
   of the app made from another base is given it when the app is finalized),
   which Celery's tracer calls as the task body. Not ``task_prerun``: a
