@@ -169,6 +169,19 @@ def test_only_declared_vars_travel_through_their_codecs(broker):
     assert carried_part(out["seen"]) == expected("r-declared", who=3)  # undeclared stayed behind
 
 
+def test_delay_apply_async_signature_and_send_task_all_carry(gevent_worker):
+    app = gevent_worker.app
+    observe = app.tasks["observe"]
+
+    def publish():
+        declared("r-api")
+        return [observe.delay(tag="delay"), observe.apply_async(kwargs={"tag": "apply_async"}),
+                observe.s(tag="signature").apply_async(), app.send_task("observe", kwargs={"tag": "send_task"})]
+
+    for result in in_context(publish):
+        assert carried_part(gevent_worker.get(result)["seen"]) == expected("r-api")
+
+
 def test_without_install_nothing_travels_control(workers):
     # The control: the same publish from an app without install() carries nothing.
     plain = Deployment(workers["gevent"].worker, installed=False)
