@@ -20,14 +20,14 @@ from common import format_table
 
 #: Benchmark modules, in run order. (P4 lives in ``http_rps``: a module named
 #: ``http`` here would shadow the standard library's ``http`` package.)
-MODULES = ["spawn", "body", "http_rps", "memory", "upload", "stragglers", "pools"]
+MODULES = ["spawn", "body", "http_rps", "memory", "upload", "stragglers", "pools", "celery_publish"]
 
 
 def header() -> str:
     """Date, interpreter, library versions, CPUs and how to reproduce."""
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}"
-        for name in ("gevent", "greenlet", "flask", "geventctx")
+        for name in ("gevent", "greenlet", "flask", "celery", "geventctx")
     )
     return "\n".join(
         [

@@ -7,6 +7,8 @@
 ``patched_app.py``    a Flask app without geventctx code, switched on by
                       ``GEVENTCTX_PATCH=1`` under gunicorn ``-k gevent``
 ``werkzeug_app.py``   a plain Werkzeug app in ``geventctx.wsgi.ContextMiddleware``
+``celery_app.py``     declared context from a Flask view to a real Celery worker
+                      (self-contained: ``python -m examples.celery_app``)
 ``app.py``, ``demo.py``  ``make demo``
 
 ``tests/test_deploy.py`` runs every recipe as a real server process.

@@ -22,6 +22,8 @@ from . import registry
 from .errors import (
     BodyReadError,
     BodyTimeout,
+    CarryError,
+    CarryWarning,
     GeventctxWarning,
     LateEffectWarning,
     MisuseWarning,
@@ -47,6 +49,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BodyReadError",
     "BodyTimeout",
+    "CarryError",
+    "CarryWarning",
     "Executor",
     "Future",
     "GeventctxWarning",

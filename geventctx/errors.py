@@ -72,3 +72,27 @@ class BodyTimeout(BodyReadError, RequestTimeout):
 
     def __str__(self) -> str:
         return RequestTimeout.__str__(self)
+
+
+class CarryError(ValueError):
+    """A declared context value cannot travel with a Celery task.
+
+    Raised by the publish (``.delay()``, ``.apply_async()``, a canvas) before
+    anything is sent, when a value fails its codec or is not JSON-safe, or
+    when the encoded header is over ``max_header_bytes``. With
+    ``install(app, on_error="warn")`` a :class:`CarryWarning` is emitted
+    instead and the task is sent without what could not travel.
+
+    .. versionadded:: 0.2
+    """
+
+
+class CarryWarning(GeventctxWarning):
+    """Declared context did not travel with a Celery task, in part or whole.
+
+    At publish with ``on_error="warn"`` (what could not travel is left out),
+    or in the worker for a header it cannot read (the task runs without the
+    carried values).
+
+    .. versionadded:: 0.2
+    """

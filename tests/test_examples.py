@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import gevent.pool
 import pytest
 from httpkit import multipart, wait_for
 
 from examples import background_email, background_upload, fanout_pool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_background_email_after_the_response(serve):
@@ -55,3 +61,17 @@ def test_background_upload_processed_after_the_response(serve, size):
     assert response.status == 202
     wait_for(lambda: "scan.bin" in background_upload.PROCESSED, message="background processing")
     assert background_upload.PROCESSED["scan.bin"] == (size, hashlib.sha256(content).hexdigest())
+
+
+def test_celery_app_carries_each_requests_values_to_its_task():
+    # Self-contained: it starts a real `celery worker -P gevent` on a
+    # filesystem broker, serves, asks twice, prints, stops what it started.
+    out = subprocess.run(
+        [sys.executable, "-m", "examples.celery_app"], cwd=ROOT, capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    seen = [json.loads(line) for line in out.stdout.splitlines()]
+    assert seen == [
+        {"title": "q1", "request_id": "req-1", "user_id": 7, "child_saw": "req-1"},
+        {"title": "q2", "request_id": "req-2", "user_id": 8, "child_saw": "req-2"},
+    ]
