@@ -4,7 +4,9 @@ gevent prints every greenlet's uncaught exception to stderr through the
 hub's ``handle_error``. For hand-offs that hold a request scope, the hook
 installed here logs the error through ``logging.getLogger("geventctx")``
 instead, naming the request (method and path) and the user's spawn line —
-once, not twice. Other greenlets, and system errors, go to gevent as before.
+once, not twice. So does a plain gevent greenlet whose context holds a
+request scope (it inherited it through :func:`geventctx.patch`). Other
+greenlets, and system errors, go to gevent as before.
 The hook uses gevent's documented per-hub ``handle_error`` override.
 
 A ThreadPool task's error reaches the hub as ``(worker, function)``, which
@@ -22,9 +24,11 @@ import logging
 import typing as t
 
 from gevent import get_hub
+from greenlet import greenlet
 
 from . import registry
-from ._site import format_site
+from ._site import format_site, site_of
+from .scope import _SCOPE
 
 log = logging.getLogger("geventctx")
 
@@ -85,10 +89,38 @@ def install(hub: t.Any = None) -> None:
                     exc_info=(type_, value, tb),
                 )
                 return
+            if entry is None and _log_inheriting(context, type_, value, tb):
+                return
         original(context, type_, value, tb)
 
     hub.handle_error = handle_error
     setattr(hub, _MARK, True)
+
+
+def _log_inheriting(child: t.Any, type_: t.Any, value: t.Any, tb: t.Any) -> bool:
+    """A plain gevent greenlet (not a hand-off) whose context holds a request
+    scope — it inherited the request's context through :func:`geventctx.patch`,
+    or was given it by hand — is logged like a hand-off, once; ``False`` for
+    any other greenlet (gevent prints it, as before)."""
+    if not isinstance(child, greenlet):
+        return False
+    context = child.gr_context
+    scope = context.get(_SCOPE) if context is not None else None
+    if scope is None or scope.extras.get(OPT_OUT) or getattr(value, _LOGGED, False):
+        return False
+    try:
+        setattr(value, _LOGGED, True)  # a joiner re-raising it: logged already
+    except Exception:  # an exception type without attributes
+        pass
+    function = getattr(child, "_run", None)
+    log.error(
+        "greenlet %s of request %s (spawned at %s, inherited the request's context) failed",
+        getattr(function, "__qualname__", None) or repr(function),
+        scope.label,
+        format_site(site_of(getattr(child, "spawning_stack", None))),
+        exc_info=(type_, value, tb),
+    )
+    return True
 
 
 #: Attribute of a ThreadPool task's exception held back for its hand-off.

@@ -165,3 +165,62 @@ def test_the_patch_module_imports_as_a_module_and_still_patches_when_called():
         assert geventctx.is_patched()
     finally:
         module.unpatch()
+
+
+# -- G11 under patch(): a plain greenlet of a request that raises ---------------------
+
+
+def test_a_patched_plain_greenlet_of_a_request_that_raises_is_logged_once_with_the_request(
+    patched, serve, capfd, caplog
+):
+    # gevent.spawn under patch() hands the request's context on without the
+    # request's lifetime: its error is still the request's, logged once
+    # through geventctx's logger with the request and the spawn line, and
+    # not printed by gevent a second time.
+    import logging
+    import sys
+
+    import flask
+
+    from geventctx.flask import GeventContext
+
+    caplog.set_level(logging.ERROR, logger="geventctx")
+    app = flask.Flask(__name__)
+    GeventContext(app)
+
+    def explode() -> None:
+        raise ValueError("boom-in-plain-greenlet")
+
+    @app.post("/explode")
+    def view() -> str:
+        line = sys._getframe().f_lineno + 1
+        child = gevent.spawn(explode)
+        child.join()
+        return f"{type(child.exception).__name__} {line}"
+
+    response = serve(app).request("POST", "/explode", body=b"")
+    name, line = response.body.decode().split()
+    assert response.status == 200 and name == "ValueError"
+    records = [r for r in caplog.records if r.name == "geventctx"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert "POST /explode" in message and "explode" in message
+    assert f"{__file__}:{line}" in message
+    assert records[0].exc_info[1].args == ("boom-in-plain-greenlet",)
+    assert "boom-in-plain-greenlet" not in capfd.readouterr().err
+
+
+def test_a_plain_greenlet_outside_any_request_is_still_gevent_s_to_print(patched, capfd, caplog):
+    import logging
+
+    from geventctx import errorlog
+
+    errorlog.install()
+    caplog.set_level(logging.ERROR, logger="geventctx")
+
+    def explode() -> None:
+        raise ValueError("boom-outside")
+
+    gevent.spawn(explode).join()
+    assert not [r for r in caplog.records if r.name == "geventctx"]
+    assert "boom-outside" in capfd.readouterr().err
