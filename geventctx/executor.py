@@ -29,13 +29,14 @@ import concurrent.futures
 import sys
 import time
 import typing as t
-from contextvars import Context, copy_context
+from contextvars import Context
 
 import gevent
 from gevent.event import Event
 
 from . import _threads, handoff
 from ._site import Site, site_of
+from .forks import snapshot
 from .scope import Scope
 
 __all__ = ["Executor", "Future"]
@@ -155,7 +156,7 @@ class Executor(concurrent.futures.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = Future()
         scope = handoff.pin_current_scope(site)
-        task = _Task(future, fn, args, kwargs, copy_context(), scope, site)
+        task = _Task(future, fn, args, kwargs, snapshot(), scope, site)
         self._idle.clear()
         if self._max_workers is None or len(self._running) < self._max_workers:
             self._start(task)

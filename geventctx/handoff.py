@@ -30,6 +30,9 @@ from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import Site, format_site, site_of
 from .errors import LateEffectWarning
+from .forks import _forks
+from .forks import run_forks as _run_forks
+from .forks import snapshot as _snapshot
 from .scope import _SCOPE, Scope
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
@@ -108,7 +111,7 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     if site is None:
         site = helper_site()
-    bind(child, copy_context(), pin_current_scope(site), site, function)
+    bind(child, _snapshot(), pin_current_scope(site), site, function)
 
 
 def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None) -> None:
@@ -292,7 +295,10 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         _late(current, registry.site_of_child_now(child, site))
         scope = None
         _unscoped[id(child)] = _ref(child)
-    child.gr_context = copy_context()
+    context = copy_context()
+    if _forks:
+        context.run(_run_forks)  # per-child state (geventctx.forks)
+    child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function
     child._geventctx_site = site
@@ -316,7 +322,7 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
     hand_over_class(child)
-    bind(child, copy_context(), pin_current_scope(site), site, function)
+    bind(child, _snapshot(), pin_current_scope(site), site, function)
     _base_start(child)
     return child
 

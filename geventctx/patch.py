@@ -36,12 +36,14 @@ from __future__ import annotations
 import os
 import sys
 import types
-from contextvars import Context, copy_context
+from contextvars import Context
 
 import gevent
 from gevent.hub import Hub
 from gevent.monkey import get_original
 from greenlet import getcurrent
+
+from .forks import snapshot
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -57,7 +59,7 @@ _registered = False
 def _inherit(child: gevent.Greenlet) -> None:
     if _patched and child.gr_context is None:
         # From the hub: an empty context, never the hub's own.
-        child.gr_context = Context() if isinstance(getcurrent(), Hub) else copy_context()
+        child.gr_context = Context() if isinstance(getcurrent(), Hub) else snapshot()
 
 
 def patch() -> None:

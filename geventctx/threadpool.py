@@ -30,13 +30,13 @@ import sys
 import time
 import typing as t
 import weakref
-from contextvars import copy_context
 
 import gevent.threadpool
 from gevent.event import AsyncResult
 from greenlet import getcurrent, greenlet
 
 from . import registry
+from .forks import snapshot
 from .handoff import _finished, caller_site, pin_current_scope
 from .pool import _ContextMappingMixin
 from .registry import _live
@@ -144,7 +144,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
-        context = copy_context()
+        context = snapshot()
         scope = pin_current_scope(site)
         task_kwargs = dict(kwargs)
         task_kwargs[_CONTEXT] = context
