@@ -20,8 +20,11 @@ from .errors import MisuseWarning
 _warned: weakref.WeakSet[t.Any] = weakref.WeakSet()
 
 
-def check_unmanaged(site: Site | None) -> None:
-    """Warn once per app if a Flask request context is active but unmanaged."""
+def check_unmanaged(site: Site | None, child: t.Any = None) -> None:
+    """Warn once per app if a Flask request context is active but unmanaged.
+
+    ``child``: a geventctx greenlet whose record holds its site (read only
+    if there is a warning to give)."""
     flask = sys.modules.get("flask")
     # Flask's public API only: the same on every Flask version.
     if flask is None or not hasattr(flask, "has_request_context") or not flask.has_request_context():
@@ -30,6 +33,10 @@ def check_unmanaged(site: Site | None) -> None:
     if "geventctx" in app.extensions or app in _warned:
         return
     _warned.add(app)
+    if child is not None:
+        from .registry import site_of_child
+
+        site = site_of_child(child)
     warnings.warn_explicit(
         f"geventctx.spawn at {format_site(site)} runs in a request of Flask app "
         f"{app.name!r}, which has no geventctx.flask.GeventContext: the child "

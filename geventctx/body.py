@@ -330,6 +330,13 @@ class SharedBody(_Reader):
             self._pump = None
             self._changes.notify()
 
+    def _reads_itself(self) -> bool:
+        """The rule for who reads: the greenlet that needs bytes reads them
+        itself when nobody else reads and an interrupted read loses nothing
+        (a lossless source); otherwise the pump does, and it waits."""
+        source = self._source
+        return self._pump is None and source is not None and source.lossless
+
     def _read_inline(self, target: int, marker: t.Any = _INLINE) -> None:
         # The pump's work, done by the reader itself while it alone needs
         # bytes (no pump greenlet, no switch: what arrived with the headers
@@ -449,7 +456,7 @@ class SharedBody(_Reader):
                 # it stopped (read ahead, then stopped quietly) before this
                 # reader had its bytes.
                 while not (spool.size >= target or spool.done):
-                    if self._pump is None and source is not None and source.lossless and not self._capturing:
+                    if self._reads_itself() and not self._capturing:
                         self._read_inline(target)
                         continue
                     self._start_pump()
@@ -588,12 +595,10 @@ class SharedBody(_Reader):
                 if not self._opened:
                     self._open()  # the capture obeys the body's limits too
                 self._capturing = True
-                source = self._source
-                # In this greenlet when nobody reads (a lossless source), else
-                # by the pump; again if a reader was reading inline (it stops
-                # at its own target; the capture goes on to the end).
+                # Again if a reader was reading inline: it stops at its own
+                # target, the capture goes on to the end.
                 while self._capturing and not self._spool.done:
-                    if self._pump is None and source is not None and source.lossless:
+                    if self._reads_itself():
                         # As the pump: release() stops it quietly once no
                         # child is left to read (a hub callback throws).
                         self._read_inline(_EVERYTHING, getcurrent())

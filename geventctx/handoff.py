@@ -281,10 +281,10 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         # In another thread (a ThreadPool task): made on the request's hub.
         return _threads.on_owner_hub(current.hub, _spawn_at, caller_site(_getframe(1)), function, args, kwargs)
     child = _Spawned(function, *args, **kwargs)
-    site = _LAZY_SITE if child.spawning_stack is not None else caller_site(_getframe(1))
+    child._geventctx_site = _LAZY_SITE if child.spawning_stack is not None else caller_site(_getframe(1))
     # pin_current_scope(), inlined (the scope and its thread are known).
     if current is None:
-        check_unmanaged(registry.site_of_child_now(child, site))
+        check_unmanaged(None, child)
         scope = None
         _note_thread_child(child)
         _unscoped[id(child)] = _ref(child)
@@ -292,7 +292,7 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         scope = current
         current.children[id(child)] = child
     else:
-        _late(current, registry.site_of_child_now(child, site))
+        _late(current, registry.site_of_child(child))
         scope = None
         _unscoped[id(child)] = _ref(child)
     context = copy_context()
@@ -301,7 +301,6 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function
-    child._geventctx_site = site
     child._geventctx_started = _monotonic()
     child.rawlink(_finished)
     _base_start(child)

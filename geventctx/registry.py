@@ -94,14 +94,6 @@ def site_of_child(child: t.Any) -> Site | None:
     return t.cast("Site | None", site)
 
 
-def site_of_child_now(child: t.Any, site: t.Any) -> Site | None:
-    """``site`` of a child being made (``LAZY_SITE`` read now, for a warning)."""
-    if site is not LAZY_SITE:
-        return t.cast("Site | None", site)
-    child._geventctx_site = site
-    return site_of_child(child)
-
-
 def _entries() -> list[Entry]:
     from .scope import _every_scope
 
