@@ -20,6 +20,10 @@ the greenlet as it ends, a ThreadPool task's in a copy of the task's), so a
 log handler, filter or error reporter sees the request's state there.
 
 .. versionadded:: 0.1
+
+.. versionchanged:: 0.2
+    A ThreadPool task's error is logged in the task's context (it was
+    logged in the hub's, where no request is).
 """
 
 from __future__ import annotations
