@@ -15,15 +15,30 @@ report arrives after the worker moved on): the hook keeps it on the
 exception, and the task's hand-off reports it when it ends
 (:func:`report_task`), where the task is known.
 
-The rule: a child's error is logged in the child's context (a greenlet's in
-the greenlet as it ends, a ThreadPool task's in a copy of the task's), so a
-log handler, filter or error reporter sees the request's state there.
+The rules:
+
+* A child's error is logged in the child's context (a greenlet's in the
+  greenlet as it ends, or in a copy of its context when it is reported from
+  elsewhere — killed before it ran; a ThreadPool task's in a copy of the
+  task's), so a log handler, filter or error reporter sees *its* request.
+* An exception object is reported once per request: the first child that
+  fails with it is reported, a child or helper that fails with it again —
+  ``Pool.map``'s helper re-raising a worker's error, a child re-raising a
+  grandchild's through ``get()`` — is not. (Raising an object again
+  continues its traceback: a re-raise and a second raise of one shared
+  instance cannot be told apart.) The scope keeps what it reported
+  (``extras``; nothing is written on the exception), so the same object
+  raised in a later request is reported again.
+
+Reporters (:func:`add_reporter`, e.g. Sentry's integration) are called with
+each reported error, right after it is logged, in the same context.
 
 .. versionadded:: 0.1
 
 .. versionchanged:: 0.2
-    A ThreadPool task's error is logged in the task's context (it was
-    logged in the hub's, where no request is).
+    Logged in the child's context; once per request and exception object
+    (was: once per exception object, marked on it, which hid the same
+    object raised in later requests); reporters.
 """
 
 from __future__ import annotations
@@ -33,11 +48,14 @@ import typing as t
 from contextvars import copy_context
 
 from gevent import get_hub
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 from . import registry
 from ._site import format_site, site_of
 from .scope import _SCOPE
+
+if t.TYPE_CHECKING:
+    from .scope import Scope
 
 log = logging.getLogger("geventctx")
 
@@ -47,8 +65,65 @@ _MARK = "_geventctx_error_hook"
 #: gevent: the hook is per hub, the choice is per app (or per scope).
 OPT_OUT = "errorlog.off"
 
-#: Attribute marking an exception instance that was logged already.
-_LOGGED = "_geventctx_logged"
+#: The ``extras`` key of a scope's reported errors: ``{id(error): error}``
+#: (the error is held, so its id is not reused while the request lives).
+REPORTED = "errorlog.reported"
+
+Reporter = t.Callable[["Scope", t.Any], None]
+
+#: Called as ``reporter(scope, exc_info)`` for each reported error.
+_reporters: list[Reporter] = []
+
+
+def add_reporter(reporter: Reporter) -> None:
+    """Call ``reporter(scope, exc_info)`` for every child error reported from
+    now on, in the child's context, after it is logged (adding twice is once)."""
+    if reporter not in _reporters:
+        _reporters.append(reporter)
+
+
+def remove_reporter(reporter: Reporter) -> None:
+    """Stop calling ``reporter`` (nothing if it was not added)."""
+    if reporter in _reporters:
+        _reporters.remove(reporter)
+
+
+def reported(scope: Scope, error: BaseException) -> bool:
+    """Whether ``error`` was reported as a child's error of ``scope``."""
+    held = scope.extras.get(REPORTED)
+    return held is not None and held.get(id(error)) is error
+
+
+def _report(scope: Scope, context: t.Any, exc_info: t.Any, message: str, *args: t.Any) -> bool:
+    """Log ``exc_info`` and call the reporters, in ``context`` (``None``: the
+    current one is the child's); ``False`` if the request reported that
+    exception object already."""
+    error = exc_info[1]
+    if reported(scope, error):
+        return False
+    scope.extras.setdefault(REPORTED, {})[id(error)] = error
+    if context is None:
+        _emit(scope, exc_info, message, args)
+    else:
+        context.copy().run(_emit, scope, exc_info, message, args)
+    return True
+
+
+def _emit(scope: Scope, exc_info: t.Any, message: str, args: tuple[t.Any, ...]) -> None:
+    log.error(message, *args, exc_info=exc_info)
+    for reporter in list(_reporters):
+        try:
+            reporter(scope, exc_info)
+        except Exception:
+            log.exception("the error reporter %r failed", reporter)
+
+
+def _context_of(child: t.Any) -> t.Any:
+    """``None`` when ``child`` is the running greenlet (its context is the
+    current one), else the child's own context if it has one."""
+    if child is getcurrent() or not isinstance(child, greenlet):
+        return None
+    return child.gr_context
 
 
 def install(hub: t.Any = None) -> None:
@@ -81,21 +156,15 @@ def install(hub: t.Any = None) -> None:
                 and entry[2] is not None
                 and not entry[2].extras.get(OPT_OUT)
             ):
-                if getattr(value, _LOGGED, False):
-                    # The error of a child this one waited on, re-raised
-                    # (Pool.map's helper): already logged, with the same site.
-                    return
-                try:
-                    setattr(value, _LOGGED, True)
-                except Exception:  # an exception type without attributes
-                    pass
                 function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
-                log.error(
+                _report(
+                    entry[2],
+                    _context_of(child),
+                    (type_, value, tb),
                     "child %s of request %s (spawned at %s) failed",
                     function,
                     entry[2].label,
                     format_site(entry[4]),
-                    exc_info=(type_, value, tb),
                 )
                 return
             if entry is None and _log_inheriting(context, type_, value, tb):
@@ -115,19 +184,17 @@ def _log_inheriting(child: t.Any, type_: t.Any, value: t.Any, tb: t.Any) -> bool
         return False
     context = child.gr_context
     scope = context.get(_SCOPE) if context is not None else None
-    if scope is None or scope.extras.get(OPT_OUT) or getattr(value, _LOGGED, False):
+    if scope is None or scope.extras.get(OPT_OUT):
         return False
-    try:
-        setattr(value, _LOGGED, True)  # a joiner re-raising it: logged already
-    except Exception:  # an exception type without attributes
-        pass
     function = getattr(child, "_run", None)
-    log.error(
+    _report(
+        scope,
+        _context_of(child),
+        (type_, value, tb),
         "greenlet %s of request %s (spawned at %s, inherited the request's context) failed",
         getattr(function, "__qualname__", None) or repr(function),
         scope.label,
         format_site(site_of(getattr(child, "spawning_stack", None))),
-        exc_info=(type_, value, tb),
     )
     return True
 
@@ -150,21 +217,15 @@ def report_task(entry: t.Any, error: BaseException) -> None:
             pass
     scope = entry[2]
     if scope is not None and not scope.extras.get(OPT_OUT):
-        try:
-            setattr(error, _LOGGED, True)  # a helper re-raising it: logged already
-        except Exception:
-            pass
         function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
-        # Logged in (a copy of) the task's context, as a greenlet child's
-        # error is logged in the child: a handler sees the request's state.
-        task_context = entry[6] if len(entry) > 6 else copy_context()
-        task_context.copy().run(
-            log.error,
+        _report(
+            scope,
+            entry[6] if len(entry) > 6 else copy_context(),  # the task's context
+            (type_, error, tb),
             "child %s of request %s (spawned at %s) failed",
             function,
             scope.label,
             format_site(entry[4]),
-            exc_info=(type_, error, tb),
         )
         return
     original(context, type_, error, tb)

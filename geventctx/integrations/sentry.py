@@ -30,18 +30,24 @@ pool, and plain greenlets under :func:`geventctx.patch`):
   application call returns — and a span finished after that is not sent:
   a child that outlives the response (fire-and-forget, after the response)
   should start a transaction of its own to be traced.
-* **A child's error is one event.** geventctx logs a child's uncaught
-  exception at ERROR (G11), which Sentry's logging integration reports; if
-  the view then re-raises the same exception (``Pool.map``,
-  ``Future.result()``, ``Greenlet.get()``) and Flask's integration captures
-  it, that second event is dropped. The rule: an exception geventctx logged
-  as a child's error is sent at most once. Other exceptions are untouched.
+* **A child's error is one event.** A child's uncaught exception, which
+  geventctx logs once per request (G11), is captured in the child's context
+  (mechanism ``geventctx``, unhandled), like Sentry's threading integration
+  captures a thread's; the logging integration's event for that log line is
+  dropped. When the view re-raises the same exception (``Pool.map``,
+  ``Greenlet.get()``, ``ThreadPool.apply``) the later capture in the same
+  request is dropped — only if the child's event was really sent (not
+  dropped by ``before_send`` or sampling). The rule: one event per request
+  and child exception object. Other exceptions keep Sentry's own rules.
 
-Cost, per hand-off: nothing measurable unless Sentry's client has this
-integration (one test of the client); with it, one ``Scope.fork`` of each
-scope — Sentry copies a scope's tags, contexts, breadcrumbs and processors —
-13–19 µs on a 2-core VM (``benchmarks/observability.py``), what Sentry's
-threading integration pays per thread.
+Cost, per hand-off: with a client that has this integration, one
+``Scope.fork`` of each scope that is set — Sentry copies a scope's tags,
+contexts, breadcrumbs and processors — 13–19 µs on a 2-core VM
+(``benchmarks/observability.py``), what Sentry's threading integration pays
+per thread; a spawner with no Sentry scope set forks nothing. The hooks are
+armed by the integration's constructor (each ``sentry_sdk.init`` with it)
+and the first hand-off that finds no client with it disarms them: then a
+hand-off pays ``geventctx.forks``' empty-list test only.
 
 .. versionadded:: 0.2
 """
@@ -53,14 +59,23 @@ import typing as t
 import sentry_sdk
 from sentry_sdk.integrations import Integration
 from sentry_sdk.scope import Scope, add_global_event_processor
+from sentry_sdk.utils import event_from_exception
 
-from .. import forks
-from ..errorlog import _LOGGED
+from .. import errorlog, forks
+from ..scope import _SCOPE
+
+try:  # read without creating (Scope.get_*_scope() makes one when unset)
+    from sentry_sdk.scope import _current_scope, _isolation_scope
+except ImportError:  # pragma: no cover - a sentry-sdk without them
+    _current_scope = _isolation_scope = None
 
 __all__ = ["GeventctxIntegration"]
 
-#: Attribute marking a child's exception that Sentry sent already.
-_SENT = "_geventctx_sentry_sent"
+#: The ``extras`` key of a request scope's errors that Sentry sent, by id.
+_SENT = "sentry.sent"
+
+#: The hint key of this integration's own capture of a child's error.
+_CHILD_ERROR = "geventctx_child_error"
 
 
 class GeventctxIntegration(Integration):
@@ -69,11 +84,15 @@ class GeventctxIntegration(Integration):
 
     identifier = "geventctx"
 
+    def __init__(self) -> None:
+        # Made per sentry_sdk.init call: (re)arm the hooks, which disarm
+        # themselves once no current client has this integration, so that a
+        # process without it pays nothing per hand-off.
+        forks.register(_fork_scopes)
+        errorlog.add_reporter(_capture_child_error)
+
     @staticmethod
     def setup_once() -> None:
-        # Sentry calls this once per process; the hooks below act only while
-        # the current client has this integration.
-        forks.register(_fork_scopes)
         add_global_event_processor(_send_child_error_once)
 
 
@@ -84,23 +103,50 @@ def _enabled() -> bool:
 def _fork_scopes() -> None:
     """A geventctx fork: runs in each child's snapshot before it starts."""
     if not _enabled():
+        forks.unregister(_fork_scopes)
+        errorlog.remove_reporter(_capture_child_error)
         return
-    Scope.set_isolation_scope(Scope.get_isolation_scope().fork())
-    Scope.set_current_scope(Scope.get_current_scope().fork())
+    if _isolation_scope is None or _current_scope is None:  # pragma: no cover
+        Scope.set_isolation_scope(Scope.get_isolation_scope().fork())
+        Scope.set_current_scope(Scope.get_current_scope().fork())
+        return
+    # A scope that is not set is not shared: the child makes its own.
+    isolation = _isolation_scope.get()
+    if isolation is not None:
+        _isolation_scope.set(isolation.fork())
+    current = _current_scope.get()
+    if current is not None:
+        _current_scope.set(current.fork())
+
+
+def _capture_child_error(scope: t.Any, exc_info: t.Any) -> None:
+    """An errorlog reporter: capture a child's error, in the child's context."""
+    client = sentry_sdk.get_client()
+    if client.get_integration(GeventctxIntegration) is None:
+        return
+    event, hint = event_from_exception(
+        exc_info, client_options=client.options, mechanism={"type": "geventctx", "handled": False}
+    )
+    hint[_CHILD_ERROR] = True  # each failed child is an event of its own
+    if sentry_sdk.capture_event(event, hint=hint) is not None:  # sent, not dropped
+        scope.extras.setdefault(_SENT, {})[id(exc_info[1])] = exc_info[1]
 
 
 def _send_child_error_once(event: t.Any, hint: t.Any) -> t.Any:
-    """Drop an event for a child's exception that was sent already."""
+    """Drop the logging integration's event for a child's error (it is
+    captured directly), and a later event of the same request for a child
+    error that was sent."""
     exc_info = hint.get("exc_info") if hint else None
-    if not exc_info or not _enabled():
+    if not exc_info or hint.get(_CHILD_ERROR) or not _enabled():
+        return event
+    scope = _SCOPE.get()
+    if scope is None:
         return event
     error = exc_info[1]
-    if not getattr(error, _LOGGED, False):
-        return event  # not a child's error: Sentry's own rules apply
-    if getattr(error, _SENT, False):
+    record = hint.get("log_record")
+    if record is not None and record.name == errorlog.log.name and errorlog.reported(scope, error):
         return None
-    try:
-        setattr(error, _SENT, True)
-    except Exception:  # an exception type without attributes
-        pass
+    sent = scope.extras.get(_SENT)
+    if sent is not None and sent.get(id(error)) is error:
+        return None
     return event
