@@ -48,22 +48,36 @@ T = t.TypeVar("T")
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """A :class:`concurrent.futures.Future` whose waits yield to other greenlets.
 
+    The rule: a wait in the thread of the hub that made the future yields to
+    that hub's greenlets (a gevent Event); a wait in any other thread — a
+    ThreadPool task that submitted it, handed over to the request's hub — is
+    ``concurrent.futures``' own native wait (a gevent Event there would wait
+    in that thread's idle hub, and fail with ``LoopExit``).
+
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.2
+        Waitable from another thread.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self._hub_thread = _threads.get_ident()
         self._done_event = Event()
         self.add_done_callback(_set_done_event)
         self._waiters = _CooperativeWaiters()
 
     def result(self, timeout: float | None = None) -> t.Any:
         if not self.done():
+            if _threads.get_ident() != self._hub_thread:
+                return super().result(timeout)
             self._done_event.wait(timeout)
         return super().result(timeout=0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
+            if _threads.get_ident() != self._hub_thread:
+                return super().exception(timeout)
             self._done_event.wait(timeout)
         return super().exception(timeout=0)
 

@@ -641,6 +641,34 @@ def test_a_thread_task_joins_the_child_it_handed_over(serve, pools):
     assert serve(app).request("GET", "/join").body == b"from the view"
 
 
+@pytest.mark.parametrize("wait", ["result", "exception"])
+def test_a_thread_task_waits_without_a_timeout_for_the_future_it_submitted(serve, pools, wait):
+    # Executor.submit from a task is handed over to the request's hub; the
+    # task's wait is native (a gevent Event in the worker thread's idle hub
+    # raised LoopExit). Found by a reviewer attacking the Sentry integration.
+    app = Flask(f"future_from_task_{wait}")
+    GeventContext(app)
+    pool = pools(1)
+    executor = geventctx.Executor(max_workers=2)
+
+    @app.get("/f")
+    def view() -> str:
+        def task() -> str:
+            future = executor.submit(lambda: (gevent.sleep(0.02), g.marker)[1])
+            if wait == "exception":
+                assert future.exception() is None
+            return t.cast(str, future.result())  # no timeout, as usually called
+
+        g.marker = "from the view"
+        return pool.apply(task)
+
+    try:
+        response = serve(app).request("GET", "/f")
+    finally:
+        executor.shutdown()
+    assert (response.status, response.body) == (200, b"from the view")
+
+
 def test_one_exception_object_raised_by_two_thread_tasks_is_reported_once_per_request(serve, pools, caplog, capfd):
     # errorlog's rule: an exception object is reported once per request
     # (raising it again continues its traceback, as a re-raise does). The
