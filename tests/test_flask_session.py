@@ -8,7 +8,7 @@ import warnings
 import gevent
 import pytest
 from flask import Flask, after_this_request, session
-from flask.sessions import SessionInterface, SessionMixin
+from flask.sessions import SecureCookieSessionInterface, SessionInterface, SessionMixin
 from gevent.event import Event
 from httpkit import wait_for
 
@@ -241,3 +241,49 @@ def test_after_this_request_from_child_after_response_warns(serve):
         server.request("GET", "/")
         release.set()
         assert done.wait(5)
+
+
+class YieldingSessions(SecureCookieSessionInterface):
+    """A session store doing I/O in ``save_session`` (it yields), as
+    server-side session extensions do: the hub runs other greenlets after
+    Flask ran the request's after-request functions, before request_finished."""
+
+    def __init__(self, saving: Event, resume: Event) -> None:
+        self.saving = saving
+        self.resume = resume
+
+    def save_session(self, app, session, response):
+        self.saving.set()
+        self.resume.wait(5)
+        super().save_session(app, session, response)
+
+
+def test_after_this_request_while_the_session_is_saved_warns(serve):
+    # G7: Flask took the after-request functions already; one added now
+    # never runs, so it must warn, not vanish.
+    saving, resume = Event(), Event()
+    app = make_app()
+    app.session_interface = YieldingSessions(saving, resume)
+    ran = []
+
+    @app.route("/")
+    def index():
+        def child():
+            saving.wait()
+            try:
+                after_this_request(lambda response: ran.append(response) or response)  # IN-THE-WINDOW
+            finally:
+                resume.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.LateEffectWarning, match="after_this_request.*GET /.*never run") as record:
+        response = server.request("GET", "/")
+    assert response.status == 200 and resume.is_set()
+    assert ran == []
+    (warning,) = [w for w in record if issubclass(w.category, geventctx.LateEffectWarning)]
+    assert warning.filename == __file__
+    with open(__file__) as source:
+        assert "IN-THE-WINDOW" in source.read().splitlines()[warning.lineno - 1]
