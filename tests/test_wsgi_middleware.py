@@ -983,9 +983,24 @@ def test_invalid_options_are_refused(options, match):
         ContextMiddleware(app, **options)
 
 
-def test_valid_options_are_accepted():
-    def app(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
-        raise AssertionError("never called")
+@pytest.mark.parametrize("body, shared", [("tee", True), ("lock", True), ("off", False)])
+def test_valid_options_are_accepted_and_take_effect(serve, body, shared):
+    # Accepted, and each one does what it names: "lock" is the old name of
+    # "tee", "off" leaves the server's input alone; the straggler options
+    # reach the watcher ("kill" and no limit: nobody is logged or killed).
+    seen: dict[str, t.Any] = {}
 
-    middleware = ContextMiddleware(app, body="off", straggler_policy="kill", straggler_timeout=None)
-    assert (middleware.body, middleware.straggler_policy, middleware.app) == ("off", "kill", app)
+    def app(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+        seen["input"] = environ["wsgi.input"]
+        seen["data"] = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        seen["child"] = geventctx.spawn(gevent.sleep, 0.2)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = ContextMiddleware(app, body=body, straggler_policy="kill", straggler_timeout=None)
+    server = serve(middleware)
+    assert server.request("POST", "/", body=b"0123456789").status == 200
+    assert isinstance(seen["input"], SharedBody) is shared
+    assert seen["data"] == b"0123456789"
+    seen["child"].join(JOIN_TIMEOUT)
+    assert seen["child"].dead and seen["child"].value is None  # ended by itself, not a GreenletExit
