@@ -18,6 +18,7 @@ them broke the body before it became a streaming tee:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -679,6 +680,33 @@ def test_an_upload_closed_by_one_reader_stays_readable_for_the_others(serve):
     response = serve(app).request("POST", "/files", headers={"Content-Type": content_type}, body=body)
     assert response.status == 200
     assert notes.results["digests"] == [sha(content)] * 2
+
+
+def test_an_uploads_relative_seek_moves_from_the_callers_own_position(serve):
+    # G5, per-greenlet positions: seek(n, SEEK_CUR) counts from the caller's
+    # position, not from where another reader left the shared file.
+    app, notes = flask_app()
+    content = os.urandom(5000)
+
+    @app.post("/files")
+    def files() -> str:
+        upload = request.files["f"]
+        assert upload.read(1000) == content[:1000]  # the parent is at 1000
+
+        def child() -> tuple[int, bytes, int]:
+            moved_to = upload.seek(10, io.SEEK_CUR)  # from the child's own 0
+            return moved_to, upload.read(5), upload.tell()
+
+        notes.results["child"] = geventctx.spawn(child).get(timeout=WAIT)
+        moved_to = upload.seek(-500, io.SEEK_CUR)  # from the parent's own 1000
+        notes.results["parent"] = (moved_to, upload.read(5), upload.tell())
+        return "ok"
+
+    body, content_type = multipart({}, {"f": ("a.bin", content)})
+    response = serve(app).request("POST", "/files", headers={"Content-Type": content_type}, body=body)
+    assert response.status == 200
+    assert notes.results["child"] == (10, content[10:15], 15)
+    assert notes.results["parent"] == (500, content[500:505], 505)
 
 
 def test_chunked_bytes_that_arrived_reach_a_streaming_reader_at_once(serve):
