@@ -1027,6 +1027,22 @@ def test_gunicorn_slow_but_steady_client_is_not_timed_out(server):
     assert response.body.decode().split(",") == [sha(body)] * 2, srv.context()
 
 
+def test_gunicorn_client_gone_mid_body_is_the_same_client_disconnected_for_every_reader(server):
+    # gunicorn's input answers b"" when the client hangs up before the
+    # announced length: never a short body, one error for everyone.
+    srv = gunicorn_body_app(server)
+    client = RawClient(srv.port)
+    try:
+        client.send_head("POST", "/readers?children=3", {"Content-Length": "100000"})
+        client.send(os.urandom(3000))
+    finally:
+        client.close()
+    wait_for(lambda: gunicorn_events(srv.port)["readers"], WAIT, "the readers in gunicorn")
+    (outcomes,) = gunicorn_events(srv.port)["readers"]
+    assert len(outcomes) == 4 and len(set(outcomes)) == 1, outcomes + [srv.context()]
+    assert outcomes[0].startswith("ClientDisconnected "), outcomes + [srv.context()]
+
+
 def test_gunicorn_client_waiting_for_100_continue_and_curl(server, tmp_path):
     srv = gunicorn_body_app(server)
     body = os.urandom(300_000)
