@@ -47,8 +47,10 @@ Configuration (``app.config``), with defaults:
     ``"error"`` (raise :class:`~geventctx.SessionMutationError`) or
     ``"ignore"``.
 ``GEVENTCTX_LATE_EFFECTS = "warn"``
-    ``after_this_request`` after the response was processed: ``"warn"``
-    (:class:`~geventctx.LateEffectWarning`), ``"error"`` or ``"ignore"``.
+    ``after_this_request`` after Flask ran the request's after-request
+    functions (it would never run): ``"warn"``
+    (:class:`~geventctx.LateEffectWarning` at the calling line), ``"error"``
+    (raise ``RuntimeError`` there) or ``"ignore"``.
 ``GEVENTCTX_STRAGGLER_TIMEOUT = 30.0``
     Seconds after the response after which children still running are
     logged with their spawn site; ``None`` or ``0`` turns it off.
