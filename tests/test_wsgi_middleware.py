@@ -652,7 +652,8 @@ def test_stacked_adapters_both_waiting_log_each_straggler_once(serve, gates, cap
     wait_for(lambda: len(logged()) >= 2, JOIN_TIMEOUT, "both stragglers logged")
     settle(30)  # many periods of both watchers
     lines = logged()
-    assert sorted(line.split()[2].rpartition(".")[2] for line in lines) == ["first_straggler", "second_straggler"], lines
+    names = sorted(line.split()[2].rpartition(".")[2] for line in lines)
+    assert names == ["first_straggler", "second_straggler"], lines
     assert all("teardown keeps waiting" in line for line in lines)
     assert "close" not in events  # "wait": both layers wait on
     release.set()
