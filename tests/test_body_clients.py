@@ -1174,12 +1174,22 @@ def test_a_view_whose_own_timeout_escapes_its_inline_read_gets_a_500_and_the_con
     assert notes.body.broken
 
 
-def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_once(serve, capfd):
+def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_once(serve, capfd, monkeypatch):
     # The child reads the stalled body itself when the request is killed
     # (the view's own Timeout escapes): the connection's reading side is
     # shut, so the child's read ends now with an error — never a short body,
-    # and no second reader inside the server's buffered reader.
+    # no second reader inside the server's buffered reader, and nothing
+    # thrown at the inline reader from the hub (it is not a pump greenlet).
     app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=None)
+    hub = gevent.get_hub()
+    reported: list[t.Any] = []
+    handle_error = hub.handle_error
+
+    def recording(context: t.Any, *exc_info: t.Any) -> None:
+        reported.append((context, exc_info[1]))
+        handle_error(context, *exc_info)
+
+    monkeypatch.setattr(hub, "handle_error", recording)
 
     @app.post("/read")
     def read() -> str:
@@ -1200,6 +1210,10 @@ def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_on
     child = notes.results["child"]
     assert isinstance(child.value, Exception), child.value
     assert "reentrant call" not in capfd.readouterr().err
+    # The hub saw the view's error (pywsgi reports it with the environ) and
+    # nothing else: no error of geventctx's own in a hub callback.
+    assert [error for context, error in reported if not isinstance(context, dict)] == []
+    assert any(isinstance(error, gevent.Timeout) for _, error in reported)
 
 
 def test_the_pop_of_a_copied_request_context_does_not_close_the_request_under_the_view(serve):
