@@ -994,7 +994,7 @@ def test_valid_options_are_accepted_and_take_effect(serve, body, shared):
     def app(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
         seen["input"] = environ["wsgi.input"]
         seen["data"] = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
-        seen["child"] = geventctx.spawn(gevent.sleep, 0.2)
+        seen["child"] = geventctx.spawn(gevent.sleep, 0.1)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 
