@@ -47,8 +47,10 @@ Configuration (``app.config``), with defaults:
     ``"error"`` (raise :class:`~geventctx.SessionMutationError`) or
     ``"ignore"``.
 ``GEVENTCTX_LATE_EFFECTS = "warn"``
-    ``after_this_request`` after the response was processed: ``"warn"``
-    (:class:`~geventctx.LateEffectWarning`), ``"error"`` or ``"ignore"``.
+    ``after_this_request`` after Flask ran the request's after-request
+    functions (it would never run): ``"warn"``
+    (:class:`~geventctx.LateEffectWarning` at the calling line), ``"error"``
+    (raise ``RuntimeError`` there) or ``"ignore"``.
 ``GEVENTCTX_STRAGGLER_TIMEOUT = 30.0``
     Seconds after the response after which children still running are
     logged with their spawn site; ``None`` or ``0`` turns it off.
@@ -137,11 +139,35 @@ def _late(policy: str, category: type[Warning], message: str, site: Site | None)
 
 
 class _AfterRequestList(list):  # type: ignore[type-arg]
-    """``ctx._after_request_functions`` that notices appends made too late."""
+    """``ctx._after_request_functions`` that notices appends made too late.
+
+    The rule: a function appended after Flask stopped reading the list can
+    never run, so the list is sealed where Flask stops reading it — when
+    ``process_response``'s loop takes past its last item (Flask 2.3 to
+    main read it in that one loop). What runs after the loop and may yield
+    (the app's ``after_request`` functions, ``save_session``, a
+    ``request_finished`` receiver) then finds it sealed. Two later seals back
+    this one up for a ``process_response`` that does not iterate the list:
+    ``request_finished``, and teardown (the only one when the view raised
+    with ``PROPAGATE_EXCEPTIONS``). The loop reads by index, as a list
+    iterator does: a function appended while it runs (by an after-request
+    function, or a child meanwhile) still runs.
+
+    .. versionchanged:: 0.2
+       Sealed at the end of Flask's loop, not at ``request_finished``: an
+       ``after_this_request`` in between was silently dropped.
+    """
 
     sealed = False
     policy = "warn"
     label = ""
+
+    def __iter__(self) -> t.Iterator[t.Any]:
+        index = 0
+        while index < len(self):
+            yield self[index]
+            index += 1
+        self.sealed = True
 
     def append(self, function: t.Any) -> None:
         if self.sealed:
@@ -149,8 +175,8 @@ class _AfterRequestList(list):  # type: ignore[type-arg]
             _late(
                 self.policy,
                 LateEffectWarning,
-                f"after_this_request({name}) was called after the response of "
-                f"{self.label} was processed: it will never run",
+                f"after_this_request({name}) was called after Flask ran the "
+                f"after-request functions of {self.label}: it will never run",
                 _user_site(),
             )
         super().append(function)

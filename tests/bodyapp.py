@@ -6,8 +6,12 @@ environment variables.
   ``request.get_data()``; answers their sha256 digests, comma-separated.
 - ``POST /fire``: spawns a child that sleeps 0.1 s and never reads the
   body, and answers at once.
-- ``GET /events``: how often ``teardown_request`` ran, and straggler log
-  lines, as JSON.
+- ``POST /readers?children=N``: the view and N children read
+  ``request.get_data()``; what each got (``"<error type> <id>"`` or
+  ``"data <length>"``) is kept in the events as ``readers`` (for clients
+  that hang up before the response).
+- ``GET /events``: how often ``teardown_request`` ran, straggler log
+  lines and the readers' outcomes, as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import typing as t
 
 import gevent
 from flask import Flask, jsonify, request
@@ -28,7 +33,7 @@ for key, value in os.environ.items():
         app.config[key] = float(value) if key.endswith("TIMEOUT") else value
 GeventContext(app)
 
-events: dict[str, list[str]] = {"teardown_request": [], "log": []}
+events: dict[str, list[t.Any]] = {"teardown_request": [], "log": [], "readers": []}
 
 
 class _Remember(logging.Handler):
@@ -58,6 +63,22 @@ def upload() -> str:
     mine = digest()
     gevent.joinall(children, timeout=10)
     return ",".join([mine] + [child.value for child in children])
+
+
+def outcome() -> str:
+    try:
+        return f"data {len(request.get_data())}"
+    except Exception as exc:  # the same instance for every reader: its id says so
+        return f"{type(exc).__name__} {id(exc)}"
+
+
+@app.post("/readers")
+def readers() -> str:
+    children = [geventctx.spawn(outcome) for _ in range(int(request.args.get("children", 0)))]
+    mine = outcome()
+    gevent.joinall(children, timeout=10)
+    events["readers"].append([mine] + [child.value for child in children])
+    return "read"
 
 
 @app.post("/fire")

@@ -18,6 +18,7 @@ them broke the body before it became a streaming tee:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -681,6 +682,33 @@ def test_an_upload_closed_by_one_reader_stays_readable_for_the_others(serve):
     assert notes.results["digests"] == [sha(content)] * 2
 
 
+def test_an_uploads_relative_seek_moves_from_the_callers_own_position(serve):
+    # G5, per-greenlet positions: seek(n, SEEK_CUR) counts from the caller's
+    # position, not from where another reader left the shared file.
+    app, notes = flask_app()
+    content = os.urandom(5000)
+
+    @app.post("/files")
+    def files() -> str:
+        upload = request.files["f"]
+        assert upload.read(1000) == content[:1000]  # the parent is at 1000
+
+        def child() -> tuple[int, bytes, int]:
+            moved_to = upload.seek(10, io.SEEK_CUR)  # from the child's own 0
+            return moved_to, upload.read(5), upload.tell()
+
+        notes.results["child"] = geventctx.spawn(child).get(timeout=WAIT)
+        moved_to = upload.seek(-500, io.SEEK_CUR)  # from the parent's own 1000
+        notes.results["parent"] = (moved_to, upload.read(5), upload.tell())
+        return "ok"
+
+    body, content_type = multipart({}, {"f": ("a.bin", content)})
+    response = serve(app).request("POST", "/files", headers={"Content-Type": content_type}, body=body)
+    assert response.status == 200
+    assert notes.results["child"] == (10, content[10:15], 15)
+    assert notes.results["parent"] == (500, content[500:505], 505)
+
+
 def test_chunked_bytes_that_arrived_reach_a_streaming_reader_at_once(serve):
     # One 100-byte chunk arrives, then the client waits until the child has
     # its 5 bytes: the read must not wait for the next chunk.
@@ -999,6 +1027,22 @@ def test_gunicorn_slow_but_steady_client_is_not_timed_out(server):
     assert response.body.decode().split(",") == [sha(body)] * 2, srv.context()
 
 
+def test_gunicorn_client_gone_mid_body_is_the_same_client_disconnected_for_every_reader(server):
+    # gunicorn's input answers b"" when the client hangs up before the
+    # announced length: never a short body, one error for everyone.
+    srv = gunicorn_body_app(server)
+    client = RawClient(srv.port)
+    try:
+        client.send_head("POST", "/readers?children=3", {"Content-Length": "100000"})
+        client.send(os.urandom(3000))
+    finally:
+        client.close()
+    wait_for(lambda: gunicorn_events(srv.port)["readers"], WAIT, "the readers in gunicorn")
+    (outcomes,) = gunicorn_events(srv.port)["readers"]
+    assert len(outcomes) == 4 and len(set(outcomes)) == 1, outcomes + [srv.context()]
+    assert outcomes[0].startswith("ClientDisconnected "), outcomes + [srv.context()]
+
+
 def test_gunicorn_client_waiting_for_100_continue_and_curl(server, tmp_path):
     srv = gunicorn_body_app(server)
     body = os.urandom(300_000)
@@ -1130,12 +1174,22 @@ def test_a_view_whose_own_timeout_escapes_its_inline_read_gets_a_500_and_the_con
     assert notes.body.broken
 
 
-def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_once(serve, capfd):
+def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_once(serve, capfd, monkeypatch):
     # The child reads the stalled body itself when the request is killed
     # (the view's own Timeout escapes): the connection's reading side is
     # shut, so the child's read ends now with an error — never a short body,
-    # and no second reader inside the server's buffered reader.
+    # no second reader inside the server's buffered reader, and nothing
+    # thrown at the inline reader from the hub (it is not a pump greenlet).
     app, notes = flask_app(GEVENTCTX_BODY_TIMEOUT=None)
+    hub = gevent.get_hub()
+    reported: list[t.Any] = []
+    handle_error = hub.handle_error
+
+    def recording(context: t.Any, *exc_info: t.Any) -> None:
+        reported.append((context, exc_info[1]))
+        handle_error(context, *exc_info)
+
+    monkeypatch.setattr(hub, "handle_error", recording)
 
     @app.post("/read")
     def read() -> str:
@@ -1156,6 +1210,10 @@ def test_a_request_killed_while_a_child_reads_inline_fails_the_childs_read_at_on
     child = notes.results["child"]
     assert isinstance(child.value, Exception), child.value
     assert "reentrant call" not in capfd.readouterr().err
+    # The hub saw the view's error (pywsgi reports it with the environ) and
+    # nothing else: no error of geventctx's own in a hub callback.
+    assert [error for context, error in reported if not isinstance(context, dict)] == []
+    assert any(isinstance(error, gevent.Timeout) for _, error in reported)
 
 
 def test_the_pop_of_a_copied_request_context_does_not_close_the_request_under_the_view(serve):

@@ -399,6 +399,8 @@ def test_reader_killed_mid_read_leaves_the_body_whole_for_every_later_reader(ser
     "mode, transfer, size, loaded_at_spawn",
     [
         ("buffer", "trickled", 500, True),  # small enough: read by the parent at the hand-off
+        ("buffer", "trickled", 1000, True),  # exactly GEVENTCTX_BODY_BUFFER_LIMIT: still read
+        ("buffer", "trickled", 1001, False),  # one byte past it: left to the readers
         ("buffer", "trickled", 5000, False),  # over GEVENTCTX_BODY_BUFFER_LIMIT: left to the readers
         ("buffer", "chunked", 500, False),  # unknown length: left to the readers
         ("tee", "trickled", 500, False),  # control: the default mode reads on first use only

@@ -885,3 +885,46 @@ def test_response_close_hooks_run_once_after_the_children_and_teardown(serve, ga
     wait_for(lambda: "response closed" in events, message="the response's close")
     settle()
     assert events == ["child", "teardown_request", "response closed"]
+
+
+@pytest.mark.parametrize("case", ["plain-flask", "no-child", "live-child"])
+def test_response_close_hooks_run_in_the_requests_own_context(serve, gates, case):
+    # The Context rule for call_on_close hooks (Werkzeug's, run by the
+    # response's close(): the last step of teardown), with or without a
+    # child the close waited for: the Context object the request ran in —
+    # what the request set is there, nothing a child set (G2) — and, as in
+    # plain Flask (the control), after Flask popped its own contexts.
+    app = make_app(extension=case != "plain-flask")
+    release = gates()
+    seen: dict = {}
+
+    @app.route("/")
+    def index():
+        tag.set("request-tag")
+        seen["view_context"] = gevent.getcurrent().gr_context
+        if case == "live-child":
+
+            def child():
+                tag.set("child-tag")
+                release.wait()
+
+            geventctx.spawn(child)
+        response = flask.make_response("ok")
+
+        def hook():
+            seen["hook"] = {
+                "tag": tag.get(),
+                "same_context": gevent.getcurrent().gr_context is seen["view_context"],
+                "flask_request_context": flask.has_request_context(),
+            }
+
+        response.call_on_close(hook)
+        return response
+
+    assert serve(app).request("GET", "/").status == 200
+    if case == "live-child":
+        settle()
+        assert "hook" not in seen  # the child still runs: not closed yet
+        release.set()
+    wait_for(lambda: "hook" in seen, message="the response's close hook")
+    assert seen["hook"] == {"tag": "request-tag", "same_context": True, "flask_request_context": False}

@@ -8,11 +8,12 @@ import warnings
 import gevent
 import pytest
 from flask import Flask, after_this_request, session
-from flask.sessions import SessionInterface, SessionMixin
+from flask.sessions import SecureCookieSessionInterface, SessionInterface, SessionMixin
 from gevent.event import Event
 from httpkit import wait_for
 
 import geventctx
+from geventctx import _flask_compat as compat
 from geventctx.flask import GeventContext
 
 
@@ -241,3 +242,186 @@ def test_after_this_request_from_child_after_response_warns(serve):
         server.request("GET", "/")
         release.set()
         assert done.wait(5)
+
+
+class YieldingSessions(SecureCookieSessionInterface):
+    """A session store doing I/O in ``save_session`` (it yields), as
+    server-side session extensions do: the hub runs other greenlets after
+    Flask ran the request's after-request functions, before request_finished."""
+
+    def __init__(self, saving: Event, resume: Event) -> None:
+        self.saving = saving
+        self.resume = resume
+
+    def save_session(self, app, session, response):
+        self.saving.set()
+        self.resume.wait(5)
+        super().save_session(app, session, response)
+
+
+def test_after_this_request_while_the_session_is_saved_warns(serve):
+    # G7: Flask took the after-request functions already; one added now
+    # never runs, so it must warn, not vanish.
+    saving, resume = Event(), Event()
+    app = make_app()
+    app.session_interface = YieldingSessions(saving, resume)
+    ran = []
+
+    @app.route("/")
+    def index():
+        def child():
+            saving.wait()
+            try:
+                after_this_request(lambda response: ran.append(response) or response)  # IN-THE-WINDOW
+            finally:
+                resume.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.LateEffectWarning, match="after_this_request.*GET /.*never run") as record:
+        response = server.request("GET", "/")
+    assert response.status == 200 and resume.is_set()
+    assert ran == []
+    (warning,) = [w for w in record if issubclass(w.category, geventctx.LateEffectWarning)]
+    assert warning.filename == __file__
+    with open(__file__) as source:
+        assert "IN-THE-WINDOW" in source.read().splitlines()[warning.lineno - 1]
+
+
+class IndexedAfterRequestApp(Flask):
+    """An app whose ``process_response`` runs the request's after-request
+    functions itself, newest first by index: it never iterates Flask's list,
+    so only a later seal can notice a late ``after_this_request``."""
+
+    def process_response(self, *args):  # (response) on 2.3-3.1, (ctx, response) on 3.2
+        response = args[-1]
+        functions = compat.after_request_functions(compat.request_ctx())
+        for index in range(len(functions) - 1, -1, -1):
+            response = functions[index](response)
+        return response
+
+
+class YieldingStartResponse:
+    """A WSGI middleware whose ``start_response`` does I/O (it yields): the
+    window between ``request_finished`` and Flask's teardown."""
+
+    def __init__(self, app, in_start_response: Event, resume: Event) -> None:
+        self.app = app
+        self.in_start_response = in_start_response
+        self.resume = resume
+
+    def __call__(self, environ, start_response):
+        def yielding_start_response(*args):
+            self.in_start_response.set()
+            self.resume.wait(5)
+            return start_response(*args)
+
+        return self.app(environ, yielding_start_response)
+
+
+def test_after_this_request_between_request_finished_and_teardown_warns(serve):
+    # The request_finished seal on its own: process_response never iterated
+    # the list, and teardown comes after the child's call.
+    in_start_response, resume = Event(), Event()
+    app = IndexedAfterRequestApp(__name__)
+    GeventContext(app)
+    app.wsgi_app = YieldingStartResponse(app.wsgi_app, in_start_response, resume)
+    ran = []
+
+    @app.route("/")
+    def index():
+        def child():
+            in_start_response.wait()
+            try:
+                after_this_request(lambda response: ran.append(response) or response)
+            finally:
+                resume.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with pytest.warns(geventctx.LateEffectWarning, match="after_this_request.*never run"):
+        assert server.request("GET", "/").status == 200
+    assert resume.is_set() and ran == []
+
+
+def test_after_this_request_after_a_propagated_view_error_warns(serve):
+    # The teardown seal on its own: with PROPAGATE_EXCEPTIONS the view's
+    # error goes to the server, Flask neither runs process_response nor
+    # sends request_finished.
+    app = make_app(PROPAGATE_EXCEPTIONS=True)
+    release, done = Event(), Event()
+
+    @app.route("/broken")
+    def broken():
+        def child():
+            release.wait()
+            try:
+                after_this_request(lambda response: response)
+            finally:
+                done.set()
+
+        geventctx.spawn(child)
+        raise KeyError("view failed on purpose")
+
+    server = serve(app, error_log=None)
+    with pytest.warns(geventctx.LateEffectWarning, match="after_this_request.*never run"):
+        assert server.request("GET", "/broken").status == 500
+        release.set()
+        assert done.wait(5)
+
+
+def test_late_effects_error_raises_at_the_late_after_this_request(serve):
+    app = make_app(GEVENTCTX_LATE_EFFECTS="error")
+    release = Event()
+    outcome = []
+
+    @app.route("/")
+    def index():
+        def child():
+            release.wait()
+            try:
+                after_this_request(lambda response: response)
+            except RuntimeError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append("returned")
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert server.request("GET", "/").status == 200
+        release.set()
+        wait_for(lambda: outcome, message="the child's late after_this_request")
+    (error,) = outcome
+    assert isinstance(error, RuntimeError) and "never run" in str(error)
+    assert not [w for w in record if issubclass(w.category, geventctx.GeventctxWarning)]
+
+
+def test_late_effects_ignore_stays_silent(serve):
+    app = make_app(GEVENTCTX_LATE_EFFECTS="ignore")
+    release, done = Event(), Event()
+
+    @app.route("/")
+    def index():
+        def child():
+            release.wait()
+            after_this_request(lambda response: response)
+            done.set()
+
+        geventctx.spawn(child)
+        return "ok"
+
+    server = serve(app)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert server.request("GET", "/").status == 200
+        release.set()
+        assert done.wait(5)
+    assert not [w for w in record if issubclass(w.category, geventctx.GeventctxWarning)]

@@ -142,3 +142,40 @@ def test_starting_twice_attaches_once():
     child.join()
     gevent.sleep(0)
     assert scope.holders == 1
+
+
+def test_greenlet_start_later_hands_off_context_scope_and_record():
+    # G1 for Greenlet(fn).start_later(s): the snapshot is taken at the call,
+    # the child holds the request until it ends, and it is listed meanwhile.
+    scope = geventctx.Scope("GET /later")
+    release = Event()
+
+    def fn():
+        release.wait(5)
+        return user.get(), geventctx.current_scope()
+
+    def body():
+        user.set("at-start_later")
+        token = scope.enter()
+        try:
+            child = geventctx.Greenlet(fn)
+            child.start_later(0.01)
+            user.set("changed")
+        finally:
+            geventctx.Scope.exit(token)
+        return child
+
+    child = in_fresh_context(body)
+    try:
+        record = geventctx.registry.record_of(child)
+        assert record is not None and record.scope is scope and record.function is fn
+        assert geventctx.registry.for_scope(scope) == [record]
+        assert scope.holders == 2
+        scope.finish()
+        assert not scope.closed  # the delayed child holds the request
+    finally:
+        release.set()
+        scope.finish()  # (once: it is idempotent)
+    assert child.get(timeout=5) == ("at-start_later", scope)
+    assert scope.wait_closed(5)
+    assert geventctx.registry.record_of(child) is None

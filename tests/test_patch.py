@@ -85,13 +85,35 @@ def test_patch_is_visibility_only_it_does_not_pin_the_scope(patched):
 def test_idempotent_and_unpatch_restores():
     geventctx.patch()
     geventctx.patch()
+    # A second patch() is the first one again, not an undo or a second layer.
+    assert geventctx.is_patched()
+    assert in_context("alice", lambda: gevent.spawn(user.get).get()) == "alice"
     geventctx.unpatch()
     assert not geventctx.is_patched()
     assert in_context("alice", lambda: gevent.spawn(user.get).get()) is None
     geventctx.unpatch()  # harmless when not patched
 
 
-def test_patch_from_many_threads_at_once():
+@pytest.fixture
+def unregistered():
+    """This process as if patch() never ran: geventctx's spawn callback out
+    of gevent's set. Afterwards as it was (the callback stays registered
+    once any patch() ran: see geventctx.patch)."""
+    import geventctx.patch as module
+
+    was = module._registered
+    gevent.Greenlet.remove_spawn_callback(module._inherit)
+    module._registered = False
+    try:
+        yield module
+    finally:
+        module._patched = False
+        if was or module._registered:
+            gevent.Greenlet.add_spawn_callback(module._inherit)
+        module._registered = was or module._registered
+
+
+def test_patch_from_many_threads_at_once(unregistered):
     start = threading.Barrier(8)
 
     def racer():
@@ -104,7 +126,17 @@ def test_patch_from_many_threads_at_once():
     for th in threads:
         th.join()
     assert geventctx.is_patched()
-    geventctx.unpatch()  # one unpatch undoes it: the callback was added once
+    assert in_context("alice", lambda: gevent.spawn(user.get).get()) == "alice"
+    # The callback was added once: gevent holds that one function and no
+    # second one of geventctx's (without it, patched or not, nothing inherits).
+    gevent.Greenlet.remove_spawn_callback(unregistered._inherit)
+    try:
+        assert geventctx.is_patched()
+        assert in_context("alice", lambda: gevent.spawn(user.get).get()) is None
+    finally:
+        gevent.Greenlet.add_spawn_callback(unregistered._inherit)
+    geventctx.unpatch()  # one unpatch undoes the eight patches
+    assert not geventctx.is_patched()
     assert in_context("alice", lambda: gevent.spawn(user.get).get()) is None
 
 

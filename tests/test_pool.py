@@ -191,3 +191,45 @@ def test_full_pool_with_timeout_raises_and_pins_nothing():
         release.set()
         first.join()
     scope.finish()
+
+
+class Boom(Exception):
+    """What a task raises on purpose."""
+
+
+def fail():
+    raise Boom("task failed on purpose")
+
+
+@pytest.mark.parametrize(
+    "make, full",
+    [
+        (lambda: gevent.pool.Pool(1), False),  # the promise: gevent's own
+        (lambda: gevent.pool.Pool(1), True),
+        (lambda: geventctx.Pool(1), False),
+        (lambda: geventctx.Pool(1), True),
+        (geventctx.Group, False),
+    ],
+    ids=["gevent-Pool-free", "gevent-Pool-full", "Pool-free", "Pool-full", "Group"],
+)
+def test_apply_async_of_a_failing_task_never_calls_its_callback_like_gevents(make, full):
+    pool = make()
+    called = []
+    release = Event()
+    scope = Scope("GET /apply")
+    token = scope.enter()
+    try:
+        blockers = [pool.spawn(release.wait)] if full else []
+        task = pool.apply_async(fail, callback=called.append)
+    finally:
+        Scope.exit(token)
+    release.set()
+    with pytest.raises(Boom):
+        task.get(timeout=5)
+    gevent.joinall(blockers, timeout=5)
+    assert pool.join(timeout=5)
+    scope.finish()
+    # Every hand-off of the call (the task, a callback made for it) ended:
+    # a callback that was going to run has run.
+    assert scope.wait_closed(5)
+    assert called == []

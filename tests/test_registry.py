@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import time
+import types
 import weakref
 
 import gevent
@@ -27,12 +29,14 @@ def test_live_records_describe_each_running_child():
     scope = Scope("GET /records")
     token = scope.enter()
     release = Event()
+    started_from = time.monotonic()
     try:
         child = geventctx.spawn(work, release)  # SITE-A
-        site_line = test_live_records_describe_each_running_child.__code__.co_firstlineno + 5
+        site_line = test_live_records_describe_each_running_child.__code__.co_firstlineno + 6
     finally:
         Scope.exit(token)
     outside = geventctx.spawn(work, release)
+    spawned_by = time.monotonic()
     records = {r.greenlet: r for r in registry.live()}
     assert set(records) == {child, outside}
     rec = records[child]
@@ -40,7 +44,11 @@ def test_live_records_describe_each_running_child():
     assert rec.scope is scope
     assert rec.function is work
     assert rec.spawn_site == f"{__file__}:{site_line}"
-    assert rec.age >= 0
+    # The start time is the spawn's, on the clock age counts on.
+    assert started_from <= rec.started_at <= spawned_by
+    before = time.monotonic()
+    age = rec.age
+    assert before - rec.started_at <= age <= time.monotonic() - rec.started_at
     assert registry.record_of(child) == rec
     assert registry.for_scope(scope) == [rec]
     assert records[outside].scope is None
@@ -68,21 +76,75 @@ def test_finished_child_and_its_context_are_collectable(collect):
     assert obj_ref() is None
 
 
+def strongly_reaches(roots, target) -> bool:
+    """True if ``target`` is reachable from ``roots`` through strong
+    references: containers, closures and defaults of functions, bound
+    methods, objects' slots — not through weak references, modules, classes
+    or a function's globals (those reach everything)."""
+    stack, seen = list(roots), set()
+    while stack:
+        obj = stack.pop()
+        if obj is target:
+            return True
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, weakref.ref)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            stack += list(obj.__closure__ or ()) + list(obj.__defaults__ or ())
+            stack += list((obj.__kwdefaults__ or {}).values())
+        else:
+            stack += gc.get_referents(obj)
+    return False
+
+
+def closure_over(obj):
+    return lambda: obj
+
+
 def test_registry_holds_no_strong_reference_to_a_running_child(collect):
     # Neither the registry's index of hand-offs outside a request nor a
     # record made from it refers to the child or its context: they point
-    # weakly (gc sees no referrer). The child keeps its record itself.
+    # weakly, directly or through anything (a closure, a tuple, a bound
+    # method). The child keeps its record itself.
     release = Event()
     child = geventctx.spawn(work, release)
     record = registry.record_of(child)
     assert record is not None and record.greenlet is child
     assert id(child) in registry._unscoped, "the running child is indexed"
-    referrers = gc.get_referrers(child)
-    assert not any(r is registry._unscoped or r is registry._live for r in referrers)
-    assert not any(r is record for r in referrers)
-    del referrers
-    release.set()
-    child.join()
+    try:
+        roots = [registry._unscoped, registry._live, record, registry.live()]
+        assert not strongly_reaches(roots, child)
+        assert not strongly_reaches(roots, child.gr_context)
+        assert strongly_reaches([closure_over(child)], child)  # the walk does see through one
+    finally:
+        release.set()
+        child.join()
     del child
     collect()
     assert record.greenlet is None
+
+
+def test_live_lists_hand_offs_oldest_first_across_requests_and_none():
+    # live() gathers the scopes' own indexes and the index of hand-offs
+    # outside a request (in that order): its promise is the start order.
+    release = Event()
+    first = geventctx.spawn(work, release)  # outside any request
+    tick = time.monotonic()
+    while time.monotonic() == tick:
+        pass  # the next start time differs
+    scope = Scope("GET /order")
+    token = scope.enter()
+    try:
+        second = geventctx.spawn(work, release)  # in the request
+    finally:
+        Scope.exit(token)
+    tick = time.monotonic()
+    while time.monotonic() == tick:
+        pass
+    third = geventctx.spawn(work, release)
+    try:
+        assert [r.greenlet for r in registry.live()] == [first, second, third]
+    finally:
+        release.set()
+        gevent.joinall([first, second, third])
+        scope.finish()

@@ -280,7 +280,11 @@ class ScopeLifecycle(RuleBasedStateMachine):
         # Holds at every step, whatever the hub still has pending.
         assert self.violations == []
         assert self.calls in ([], ["first"], ["first", "second"])
-        assert self.scope.holders >= 0
+        # The holders are the request (until it finished) and one per child
+        # in the scope's own index, at every step: a hold is taken with its
+        # index entry and given back with it, in the same hub callback.
+        held = (0 if self.finished else 1) + len(self.scope.children)
+        assert self.scope.holders == held, (self.scope.holders, held, self.alive)
         if self.calls:
             assert self.finished
 

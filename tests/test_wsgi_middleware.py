@@ -620,6 +620,47 @@ def stacked_flask(**config: t.Any) -> tuple[Flask, list[t.Any], list[list[int]]]
     return app, events, counters
 
 
+def test_stacked_adapters_both_waiting_log_each_straggler_once(serve, gates, caplog):
+    # Flask's request inside the middleware's: two watchers see the same
+    # children (the middleware's through the nested scope), each checking
+    # again every period. Each straggler is one line in the log, not one per
+    # watcher or per check.
+    caplog.set_level(logging.WARNING, logger="geventctx")
+    app, events, counters = stacked_flask(
+        GEVENTCTX_STRAGGLER_TIMEOUT=0.05,
+        GEVENTCTX_STRAGGLER_POLICY="wait",
+        MIDDLEWARE={"straggler_timeout": 0.05, "straggler_policy": "wait"},
+    )
+    release = gates()
+
+    def first_straggler() -> None:
+        release.wait()
+
+    def second_straggler() -> None:
+        release.wait()
+
+    @app.get("/slow")
+    def slow() -> str:
+        geventctx.spawn(first_straggler)
+        geventctx.spawn(second_straggler)
+        return "ok"
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "geventctx" and "straggler" in r.getMessage()]
+
+    assert serve(app).request("GET", "/slow").status == 200
+    wait_for(lambda: len(logged()) >= 2, JOIN_TIMEOUT, "both stragglers logged")
+    settle(30)  # many periods of both watchers
+    lines = logged()
+    names = sorted(line.split()[2].rpartition(".")[2] for line in lines)
+    assert names == ["first_straggler", "second_straggler"], lines
+    assert all("teardown keeps waiting" in line for line in lines)
+    assert "close" not in events  # "wait": both layers wait on
+    release.set()
+    wait_for(lambda: "close" in events, JOIN_TIMEOUT, "teardown after the stragglers")
+    assert len(logged()) == 2
+
+
 FLASK_CONSUMERS: dict[str, t.Callable[[], t.Any]] = {
     "get_data": lambda: sha(flask_request.get_data()),
     "json": lambda: sha(json.dumps(flask_request.json).encode()),
@@ -943,9 +984,24 @@ def test_invalid_options_are_refused(options, match):
         ContextMiddleware(app, **options)
 
 
-def test_valid_options_are_accepted():
-    def app(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
-        raise AssertionError("never called")
+@pytest.mark.parametrize("body, shared", [("tee", True), ("lock", True), ("off", False)])
+def test_valid_options_are_accepted_and_take_effect(serve, body, shared):
+    # Accepted, and each one does what it names: "lock" is the old name of
+    # "tee", "off" leaves the server's input alone; the straggler options
+    # reach the watcher ("kill" and no limit: nobody is logged or killed).
+    seen: dict[str, t.Any] = {}
 
-    middleware = ContextMiddleware(app, body="off", straggler_policy="kill", straggler_timeout=None)
-    assert (middleware.body, middleware.straggler_policy, middleware.app) == ("off", "kill", app)
+    def app(environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
+        seen["input"] = environ["wsgi.input"]
+        seen["data"] = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        seen["child"] = geventctx.spawn(gevent.sleep, 0.1)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = ContextMiddleware(app, body=body, straggler_policy="kill", straggler_timeout=None)
+    server = serve(middleware)
+    assert server.request("POST", "/", body=b"0123456789").status == 200
+    assert isinstance(seen["input"], SharedBody) is shared
+    assert seen["data"] == b"0123456789"
+    seen["child"].join(JOIN_TIMEOUT)
+    assert seen["child"].dead and seen["child"].value is None  # ended by itself, not a GreenletExit
