@@ -1,18 +1,33 @@
-# Everything a newcomer needs: `make demo` and `make test`. Both create .venv
-# and install the project with its test extra the first time.
+# Everything a newcomer needs: `make demo` and `make test`. `make demo`
+# creates .venv with only what the demo needs (the flask extra); `make test`
+# adds the test extra. Every dependency installs as a binary wheel: no C
+# compiler or Python headers are needed.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+PIP_INSTALL = -m pip install --quiet --prefer-binary
+
+# A venv is kept only if its pip runs: one whose creation failed half-way
+# (no pip) is removed and made again, never reused.
+venv_for = $(1)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
 
 .PHONY: demo test bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
+# A stamp is written only after its install succeeded: a failed run is
+# retried in full next time.
 $(STAMP): setup.cfg setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(call venv_for,$(VENV))
+	$(PY) $(PIP_INSTALL) -e '.[test]'
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): setup.cfg setup.py
+	$(call venv_for,$(VENV))
+	$(PY) $(PIP_INSTALL) -e '.[flask]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
@@ -54,8 +69,8 @@ FLASK_OLDEST := 2.3
 werkzeug_for = $(if $(filter 2.3,$(1)),werkzeug==2.3.*,$(if $(filter 3.0,$(1)),werkzeug==3.0.*,werkzeug))
 
 .venv-flask-%/.installed: setup.cfg setup.py
-	test -x .venv-flask-$*/bin/python || $(PYTHON) -m venv .venv-flask-$*
-	.venv-flask-$*/bin/python -m pip install --quiet -e '.[test]' 'flask==$*.*' '$(call werkzeug_for,$*)'
+	$(call venv_for,.venv-flask-$*)
+	.venv-flask-$*/bin/python $(PIP_INSTALL) -e '.[test]' 'flask==$*.*' '$(call werkzeug_for,$*)'
 	touch $@
 
 .PRECIOUS: .venv-flask-%/.installed
@@ -78,8 +93,8 @@ FLASK_MAIN    ?= git+https://github.com/pallets/flask
 WERKZEUG_MAIN ?= werkzeug
 
 test-flask-main: $(STAMP)
-	test -x .venv-flask-main/bin/python || $(PYTHON) -m venv .venv-flask-main
-	.venv-flask-main/bin/python -m pip install --quiet -e '.[test]' '$(WERKZEUG_MAIN)'
+	$(call venv_for,.venv-flask-main)
+	.venv-flask-main/bin/python $(PIP_INSTALL) -e '.[test]' '$(WERKZEUG_MAIN)'
 	.venv-flask-main/bin/python -m pip install --quiet --force-reinstall --no-deps '$(FLASK_MAIN)'
 	.venv-flask-main/bin/python -c "from importlib.metadata import version as v; print('Flask', v('flask'), 'Werkzeug', v('werkzeug'))"
 	.venv-flask-main/bin/python -m pytest -q -m "not slow"
