@@ -43,9 +43,14 @@ test-flask-suite: $(STAMP)
 test-gevent-suite: $(STAMP)
 	$(PY) peers/gevent_suite.py
 
+# The distributions are built into build/lint-dist and checked as PyPI would
+# render and accept them.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	rm -rf build/lint-dist
+	$(PY) -m build --outdir build/lint-dist . >/dev/null
+	$(PY) -m twine check --strict build/lint-dist/*
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -67,6 +72,34 @@ clean:
 FLASK_MATRIX := 2.3 3.0 3.1
 FLASK_OLDEST := 2.3
 werkzeug_for = $(if $(filter 2.3,$(1)),werkzeug==2.3.*,$(if $(filter 3.0,$(1)),werkzeug==3.0.*,werkzeug))
+
+# The oldest minor is tested at the floors setup.cfg declares, all four at
+# once, and from the sdist: it is built, unpacked into build/sdist-tree and
+# installed from there (not editable), and the suite runs inside the unpacked
+# tree. One run proves the floors and that the sdist carries its own tests.
+FLOORS := gevent==26.9.0 greenlet==3.2.2 werkzeug==2.3.0 flask==2.3.0
+SDIST_TREE := build/sdist-tree
+OLDEST_VENV := .venv-flask-$(FLASK_OLDEST)
+
+SOURCES := setup.cfg setup.py pyproject.toml MANIFEST.in LICENSE README.rst CHANGES.rst \
+	$(wildcard geventctx/* tests/*.py examples/* benchmarks/*.py peers/*.py)
+
+$(SDIST_TREE)/.unpacked: $(SOURCES) | $(STAMP)
+	rm -rf build/sdist $(SDIST_TREE)
+	$(PY) -m build --sdist --outdir build/sdist . >/dev/null
+	mkdir -p $(SDIST_TREE)
+	tar xzf build/sdist/geventctx-*.tar.gz -C $(SDIST_TREE) --strip-components=1
+	touch $@
+
+$(OLDEST_VENV)/.installed: $(SDIST_TREE)/.unpacked Makefile
+	$(call venv_for,$(OLDEST_VENV))
+	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) './$(SDIST_TREE)[test]' $(FLOORS)
+	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) --force-reinstall --no-deps ./$(SDIST_TREE)
+	touch $@
+
+test-flask-$(FLASK_OLDEST): $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "from importlib.metadata import version as v; print(*(f'{n} {v(n)}' for n in ('gevent', 'greenlet', 'werkzeug', 'flask')))"
+	cd $(SDIST_TREE) && $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -m "not slow"
 
 .venv-flask-%/.installed: setup.cfg setup.py
 	$(call venv_for,.venv-flask-$*)
