@@ -15,13 +15,22 @@ report arrives after the worker moved on): the hook keeps it on the
 exception, and the task's hand-off reports it when it ends
 (:func:`report_task`), where the task is known.
 
+The rule: a child's error is logged in the child's context (a greenlet's in
+the greenlet as it ends, a ThreadPool task's in a copy of the task's), so a
+log handler, filter or error reporter sees the request's state there.
+
 .. versionadded:: 0.1
+
+.. versionchanged:: 0.2
+    A ThreadPool task's error is logged in the task's context (it was
+    logged in the hub's, where no request is).
 """
 
 from __future__ import annotations
 
 import logging
 import typing as t
+from contextvars import copy_context
 
 from gevent import get_hub
 from greenlet import greenlet
@@ -146,7 +155,11 @@ def report_task(entry: t.Any, error: BaseException) -> None:
         except Exception:
             pass
         function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
-        log.error(
+        # Logged in (a copy of) the task's context, as a greenlet child's
+        # error is logged in the child: a handler sees the request's state.
+        task_context = entry[6] if len(entry) > 6 else copy_context()
+        task_context.copy().run(
+            log.error,
             "child %s of request %s (spawned at %s) failed",
             function,
             scope.label,

@@ -30,8 +30,10 @@ _monotonic = time.monotonic
 
 _ref = weakref.ref
 
-#: (weakref to child, weakref to parent, scope, function, site, start time)
-Entry = t.Tuple["weakref.ref[t.Any]", t.Any, "Scope | None", t.Any, "Site | None", float]
+#: (weakref to child, weakref to parent, scope, function, site, start time),
+#: and for a ThreadPool task a seventh item: the task's Context (its error
+#: is logged in it, see errorlog.report_task).
+Entry = t.Tuple[t.Any, ...]
 
 # The rule for records: a geventctx greenlet keeps its own record in its
 # slots (see handoff.Greenlet: no allocation on the spawn path), and is
@@ -115,8 +117,12 @@ class HandOff:
 
     __slots__ = ("_greenlet", "_parent", "scope", "function", "site", "started_at")
 
+    scope: Scope | None
+    site: Site | None
+    started_at: float
+
     def __init__(self, entry: Entry) -> None:
-        self._greenlet, self._parent, self.scope, self.function, self.site, self.started_at = entry
+        self._greenlet, self._parent, self.scope, self.function, self.site, self.started_at = entry[:6]
 
     @property
     def greenlet(self) -> t.Any:

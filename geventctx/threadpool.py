@@ -160,7 +160,10 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
                 scope.release()
             raise
         key = id(result)
-        _live[key] = (_ref(result), parent, scope, func, site, started)
+        # The task's context rides in the entry (after the common six): its
+        # error is logged in it (errorlog.report_task), where the request's
+        # logging and Sentry state live.
+        _live[key] = (_ref(result), parent, scope, func, site, started, context)
         if scope is not None:
             scope.children[key] = result
         result.rawlink(_finished)

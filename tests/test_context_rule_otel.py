@@ -35,6 +35,9 @@ from opentelemetry.trace import SpanKind  # noqa: E402
 
 native_sleep = get_original("time", "sleep")
 
+#: The children's records (the trace-id recipe: see the last test).
+children_log = logging.getLogger("test_context_rule_otel.children")
+
 KINDS = ["spawn", "pool_map", "threadpool", "executor", "after_response", "patched_gevent_spawn"]
 
 
@@ -62,15 +65,18 @@ class Traced:
     def work(self, label: str = "child") -> str:
         with self.tracer.start_as_current_span(f"work:{label}"):
             gevent.sleep(0.01)
+            children_log.info("child of %s", flask.request.path)
             return flask.request.path
 
     def work_in_thread(self) -> str:
         with self.tracer.start_as_current_span("work:thread"):
             native_sleep(0.05)
+            children_log.info("child of %s", flask.request.path)
             return flask.request.path
 
     def outliving(self) -> str:
         with self.tracer.start_as_current_span("work:outliving"):
+            children_log.info("child of %s", flask.request.path)
             self.release.wait(5)
             return flask.request.path
 
@@ -158,3 +164,48 @@ def test_deferred_teardown_detaches_opentelemetry_context_in_the_request_context
     # Each request's children belong to that request's trace, not the other's.
     by_trace = {s.context.trace_id for s in servers}
     assert {c.context.trace_id for c in children} <= by_trace
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_childs_log_records_carry_its_requests_trace_id(kind: str, serve: t.Any) -> None:
+    # README's OpenTelemetry recipe: opentelemetry-instrumentation-logging
+    # with inject_trace_context=True reads the current span when a record is
+    # made, in the emitting child: the child's span, in its request's trace.
+    from opentelemetry.instrumentation.logging import LoggingInstrumentor
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    children_log.addHandler(handler)
+    children_log.setLevel(logging.INFO)
+    LoggingInstrumentor().instrument(inject_trace_context=True, enable_log_auto_instrumentation=False)
+    traced = Traced("geventctx_first")
+    if kind == "patched_gevent_spawn":
+        geventctx.patch()
+    try:
+        server = serve(traced.app)
+        traced.release.set()  # the outliving children end when they like
+        for _ in range(2):
+            response = http_request(server.port, "GET", f"/{kind}")
+            assert response is not None and response.status == 200
+
+        def ended() -> set[int]:
+            return {s.context.span_id for s in traced.exporter.get_finished_spans()}
+
+        wait_for(lambda: len(traced.teardowns) == 2 and {int(r.otelSpanID, 16) for r in records} <= ended(),
+                 5, "both requests' ends and every logging child's span")
+    finally:
+        if kind == "patched_gevent_spawn":
+            geventctx.unpatch()
+        LoggingInstrumentor().uninstrument()
+        children_log.removeHandler(handler)
+        traced.release.set()
+        traced.close()
+    spans = traced.exporter.get_finished_spans()
+    traces = sorted(f"{s.context.trace_id:032x}" for s in spans if s.kind is SpanKind.SERVER)
+    children = {f"{s.context.span_id:016x}": f"{s.context.trace_id:032x}" for s in spans if s.name.startswith("work:")}
+    assert len(traces) == 2 and records
+    for record in records:
+        assert record.otelSpanID in children, (record.getMessage(), record.otelSpanID)
+        assert record.otelTraceID == children[record.otelSpanID], record.getMessage()
+    assert sorted({r.otelTraceID for r in records}) == traces

@@ -75,3 +75,38 @@ def test_celery_app_carries_each_requests_values_to_its_task():
         {"title": "q1", "request_id": "req-1", "user_id": 7, "child_saw": "req-1"},
         {"title": "q2", "request_id": "req-2", "user_id": 8, "child_saw": "req-2"},
     ]
+
+
+def test_observability_wires_sentry_opentelemetry_and_logging(capsys):
+    pytest.importorskip("sentry_sdk", reason="sentry-sdk is a test dependency")
+    from examples import observability
+
+    report = observability.main()
+    assert report["statuses"] == {"1": 200, "2": 500, "3": 200}
+    spans = report["spans"]
+    roots = {s.context.span_id: s for s in spans if s.parent is None}
+    assert len(roots) == 3
+    trace_of_order = {}
+    for span in spans:
+        if span.parent is not None:  # a child's span, in its request's trace
+            root = roots[span.parent.span_id]
+            assert span.context.trace_id == root.context.trace_id
+            trace_of_order[span.name.split()[1]] = f"{root.context.trace_id:032x}"[:8]
+    assert sorted(trace_of_order) == sorted(sum(observability.ITEMS.values(), []))
+    source = Path(observability.__file__).read_text().splitlines()
+    map_line = next(i for i, text in enumerate(source, 1) if "pool.map(price" in text)
+    children = [line for line in report["lines"] if "priced" in line]
+    assert len(children) == 4
+    [failed] = [line for line in report["lines"] if "failed" in line]
+    assert failed.startswith(f"GET /orders/2 | {observability.__file__}:{map_line} | trace {trace_of_order['broken']}")
+    for line in children:
+        request, site, trace, message = line.split(" | ")
+        item, order = message.split()[1], message.split()[-1]
+        assert request == f"GET /orders/{order}", line
+        assert site == f"{observability.__file__}:{map_line}", line
+        assert trace == f"trace {trace_of_order[item]}", line
+    [event] = report["events"]  # the broken item, once although the view re-raised it
+    assert event["exception"]["values"][-1]["value"] == "no price for 'broken'"
+    assert event["tags"] == {"order": "2", "item": "broken"}
+    assert event["request"]["url"].endswith("/orders/2")
+    assert "one event per failed item" in capsys.readouterr().out

@@ -102,3 +102,33 @@ def test_structlog_processor_adds_the_request_and_spawn_site(serve):
     finally:
         structlog.reset_defaults()
     _check(seen, lines)
+
+
+def test_a_threadpool_tasks_error_is_logged_in_the_tasks_context(serve):
+    # gevent reports a thread's error from the hub, after the worker moved
+    # on; geventctx logs it in the task's context, so the filter (like any
+    # handler) sees the request the task ran for.
+    handler = Collect()
+    handler.addFilter(RequestFilter())
+    logger = logging.getLogger("geventctx")
+    logger.addHandler(handler)
+    threads = geventctx.ThreadPool(2)
+    app = flask.Flask(__name__)
+    GeventContext(app)
+
+    def fail(n: int) -> None:
+        raise LookupError(n)
+
+    @app.get("/fail/<int:n>")
+    def view(n: int) -> str:
+        threads.spawn(fail, n).wait()
+        return "ok"
+
+    try:
+        server = serve(app)
+        assert [server.request("GET", f"/fail/{n}").status for n in range(3)] == [200] * 3
+    finally:
+        logger.removeHandler(handler)
+        threads.kill()
+    failed = [r for r in handler.records if r.exc_info]
+    assert [(r.exc_info[1].args[0], r.geventctx_request) for r in failed] == [(n, f"GET /fail/{n}") for n in range(3)]
