@@ -46,6 +46,20 @@ def test_adapter_without_its_framework_names_the_extra_to_install(module: str, f
     assert out.stdout.startswith("ImportError "), out.stdout
 
 
+def test_the_oldest_ci_job_installs_exactly_the_declared_floors():
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = cfg["options"]["install_requires"] + cfg["options.extras_require"]["flask"]
+    floors = dict(re.findall(r"^\s*([\w.-]+)\s*>=\s*([\w.]+)\s*$", declared, re.M))
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = dict(re.findall(r"([\w.-]+)==([\w.]+)", re.search(r"^FLOORS :=(.*)$", makefile, re.M)[1]))
+    assert pinned == floors
+    assert set(floors) == {"gevent", "greenlet", "werkzeug", "flask"}
+
+
 def test_py_typed_marker_ships():
     assert (ROOT / "geventctx" / "py.typed").exists()
 
