@@ -13,7 +13,7 @@ PIP_INSTALL = -m pip install --quiet --prefer-binary
 # (no pip) is removed and made again, never reused.
 venv_for = $(1)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
 
-.PHONY: demo test bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
+.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
 # A stamp is written only after its install succeeded: a failed run is
 # retried in full next time.
@@ -52,6 +52,17 @@ lint: $(STAMP)
 	$(PY) -m build --outdir build/lint-dist . >/dev/null
 	$(PY) -m twine check --strict build/lint-dist/*
 
+# The Sphinx site (docs/), warnings as errors; the docs extra is installed
+# into .venv next to the test extra (autodoc imports every adapter).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): setup.cfg setup.py $(STAMP)
+	$(PY) $(PIP_INSTALL) -e '.[test,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
+
 soak: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
@@ -67,7 +78,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) .venv-flask-* build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) .venv-flask-* build dist docs/_build *.egg-info .pytest_cache .cache
 
 # Flask minors we support, each tested in its own venv with the Werkzeug it
 # was released with. `make test-flask-matrix` runs them all; CI runs the
@@ -90,7 +101,8 @@ SDIST_TREE := build/sdist-tree
 OLDEST_VENV := .venv-flask-$(FLASK_OLDEST)
 
 SOURCES := setup.cfg setup.py pyproject.toml MANIFEST.in LICENSE README.rst CHANGES.rst \
-	$(wildcard geventctx/* tests/*.py examples/* benchmarks/*.py peers/*.py)
+	$(wildcard docs/*.rst docs/*.py) \
+	$(wildcard geventctx/* geventctx/*/*.py tests/*.py examples/* benchmarks/*.py peers/*.py)
 
 $(SDIST_TREE)/.unpacked: $(SOURCES) | $(STAMP)
 	rm -rf build/sdist $(SDIST_TREE)
