@@ -1,18 +1,33 @@
-# Everything a newcomer needs: `make demo` and `make test`. Both create .venv
-# and install the project with its test extra the first time.
+# Everything a newcomer needs: `make demo` and `make test`. `make demo`
+# creates .venv with only what the demo needs (the flask extra); `make test`
+# adds the test extra. Every dependency installs as a binary wheel: no C
+# compiler or Python headers are needed.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+PIP_INSTALL = -m pip install --quiet --prefer-binary
 
-.PHONY: demo test bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
+# A venv is kept only if its pip runs: one whose creation failed half-way
+# (no pip) is removed and made again, never reused.
+venv_for = $(1)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
 
+.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
+
+# A stamp is written only after its install succeeded: a failed run is
+# retried in full next time.
 $(STAMP): setup.cfg setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(call venv_for,$(VENV))
+	$(PY) $(PIP_INSTALL) -e '.[test]'
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): setup.cfg setup.py
+	$(call venv_for,$(VENV))
+	$(PY) $(PIP_INSTALL) -e '.[flask]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
@@ -28,23 +43,42 @@ test-flask-suite: $(STAMP)
 test-gevent-suite: $(STAMP)
 	$(PY) peers/gevent_suite.py
 
+# The distributions are built into build/lint-dist and checked as PyPI would
+# render and accept them.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	rm -rf build/lint-dist
+	$(PY) -m build --outdir build/lint-dist . >/dev/null
+	$(PY) -m twine check --strict build/lint-dist/*
+
+# The Sphinx site (docs/), warnings as errors; the docs extra is installed
+# into .venv next to the test extra (autodoc imports every adapter).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): setup.cfg setup.py $(STAMP)
+	$(PY) $(PIP_INSTALL) -e '.[test,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Exits 1 if a budget is missed; `make bench BENCH_FLAGS=--no-fail` lists the
+# misses and exits 0 (for exploring; --quick for a smoke run).
+BENCH_FLAGS ?=
 # P4's load comes from wrk (Debian package), installed here when missing if
 # apt-get can; without it the benchmark uses its own gevent client.
 bench: $(STAMP)
 	command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
 		(apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk)) \
 		>/dev/null 2>&1; } || echo "wrk not installed: P4 uses the gevent client"
-	$(PY) benchmarks/run.py --strict
+	$(PY) benchmarks/run.py $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) .venv-flask-* build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) .venv-flask-* build dist docs/_build *.egg-info .pytest_cache .cache
 
 # Flask minors we support, each tested in its own venv with the Werkzeug it
 # was released with. `make test-flask-matrix` runs them all; CI runs the
@@ -53,9 +87,43 @@ FLASK_MATRIX := 2.3 3.0 3.1
 FLASK_OLDEST := 2.3
 werkzeug_for = $(if $(filter 2.3,$(1)),werkzeug==2.3.*,$(if $(filter 3.0,$(1)),werkzeug==3.0.*,werkzeug))
 
+# The oldest minor is tested at the floors setup.cfg declares, all four at
+# once, and from the sdist: it is built, unpacked into build/sdist-tree and
+# installed from there (not editable), and the suite runs inside the unpacked
+# tree. One run proves the floors and that the sdist carries its own tests.
+# FLOORS must equal setup.cfg's lowest versions (tests/test_packaging.py
+# checks). gunicorn 24 and later ask for gevent >= 24.10.1 (27 refuses to
+# start its gevent worker below), so this venv has the newest gunicorn that
+# takes gevent 23.9: the floor is ours, gunicorn's is gunicorn's.
+FLOORS := gevent==23.9.0 greenlet==2.0.0.post0 werkzeug==2.3.3 flask==2.3.2
+FLOORS_ALSO := gunicorn==23.0.0
+SDIST_TREE := build/sdist-tree
+OLDEST_VENV := .venv-flask-$(FLASK_OLDEST)
+
+SOURCES := setup.cfg setup.py pyproject.toml MANIFEST.in LICENSE README.rst CHANGES.rst \
+	$(wildcard docs/*.rst docs/*.py) \
+	$(wildcard geventctx/* geventctx/*/*.py tests/*.py examples/* benchmarks/*.py peers/*.py)
+
+$(SDIST_TREE)/.unpacked: $(SOURCES) | $(STAMP)
+	rm -rf build/sdist $(SDIST_TREE)
+	$(PY) -m build --sdist --outdir build/sdist . >/dev/null
+	mkdir -p $(SDIST_TREE)
+	tar xzf build/sdist/geventctx-*.tar.gz -C $(SDIST_TREE) --strip-components=1
+	touch $@
+
+$(OLDEST_VENV)/.installed: $(SDIST_TREE)/.unpacked Makefile
+	$(call venv_for,$(OLDEST_VENV))
+	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) './$(SDIST_TREE)[test]' $(FLOORS) $(FLOORS_ALSO)
+	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) --force-reinstall --no-deps ./$(SDIST_TREE)
+	touch $@
+
+test-flask-$(FLASK_OLDEST): $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "from importlib.metadata import version as v; print(*(f'{n} {v(n)}' for n in ('gevent', 'greenlet', 'werkzeug', 'flask')))"
+	cd $(SDIST_TREE) && $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -m "not slow"
+
 .venv-flask-%/.installed: setup.cfg setup.py
-	test -x .venv-flask-$*/bin/python || $(PYTHON) -m venv .venv-flask-$*
-	.venv-flask-$*/bin/python -m pip install --quiet -e '.[test]' 'flask==$*.*' '$(call werkzeug_for,$*)'
+	$(call venv_for,.venv-flask-$*)
+	.venv-flask-$*/bin/python $(PIP_INSTALL) -e '.[test]' 'flask==$*.*' '$(call werkzeug_for,$*)'
 	touch $@
 
 .PRECIOUS: .venv-flask-%/.installed
@@ -78,8 +146,8 @@ FLASK_MAIN    ?= git+https://github.com/pallets/flask
 WERKZEUG_MAIN ?= werkzeug
 
 test-flask-main: $(STAMP)
-	test -x .venv-flask-main/bin/python || $(PYTHON) -m venv .venv-flask-main
-	.venv-flask-main/bin/python -m pip install --quiet -e '.[test]' '$(WERKZEUG_MAIN)'
+	$(call venv_for,.venv-flask-main)
+	.venv-flask-main/bin/python $(PIP_INSTALL) -e '.[test]' '$(WERKZEUG_MAIN)'
 	.venv-flask-main/bin/python -m pip install --quiet --force-reinstall --no-deps '$(FLASK_MAIN)'
 	.venv-flask-main/bin/python -c "from importlib.metadata import version as v; print('Flask', v('flask'), 'Werkzeug', v('werkzeug'))"
 	.venv-flask-main/bin/python -m pytest -q -m "not slow"

@@ -149,6 +149,11 @@ def response_started(raw: t.Any) -> None:
     does)."""
     if hasattr(raw, "send_100_continue_enabled"):
         raw.send_100_continue_enabled = False
+    elif _is_pywsgi_input(raw):
+        # gevent < 25.4.1 has no switch: its Input sends the 100 at the next
+        # read while it holds the socket, and drops the socket once it has
+        # sent it. Dropping it here is what sending would do, minus the 100.
+        raw.socket = None
 
 
 def translate(exc: BaseException) -> BaseException:

@@ -71,8 +71,13 @@ import typing as t
 import warnings
 import weakref
 
-from flask import Flask
-from flask.signals import request_finished, request_started
+try:
+    from flask import Flask
+    from flask.signals import request_finished, request_started
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    # The adapter is the only part that needs Flask (DESIGN: framework imports
+    # stay in their adapter); say which extra brings it.
+    raise ImportError("geventctx.flask needs Flask: pip install 'geventctx[flask]'", name=exc.name) from exc
 from gevent import get_hub
 from gevent.monkey import get_original
 from greenlet import getcurrent

@@ -49,14 +49,15 @@ def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
 
 
+#: The distributions whose versions the suite's venv takes from ``--python``
+#: (the floors job's venv pins all four).
+MATCHED = ("flask", "werkzeug", "gevent", "greenlet")
+
+
 def versions(python: str) -> dict[str, str]:
-    out = subprocess.run(
-        [python, "-c", "from importlib.metadata import version as v; print(v('flask'), v('werkzeug'))"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return {"flask": out[0], "werkzeug": out[1]}
+    script = f"from importlib.metadata import version as v; print(*[v(n) for n in {MATCHED!r}])"
+    out = subprocess.run([python, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    return dict(zip(MATCHED, out, strict=True))
 
 
 def requirement(python: str, name: str, version: str) -> str:
@@ -81,15 +82,14 @@ def suite_venv(python: str, found: dict[str, str]) -> Path:
     """The suite's venv for these versions (made once; a stamp marks it done)."""
     venv = ROOT / f".venv-flask-suite-{found['flask']}"
     stamp = venv / ".installed"
-    wanted = f"{found['flask']} {found['werkzeug']} {PYTEST}"
+    wanted = " ".join([*(found[name] for name in MATCHED), PYTEST])
     if stamp.exists() and stamp.read_text() == wanted:
         return venv
     if venv.exists():
         shutil.rmtree(venv)
     run([sys.executable, "-m", "venv", str(venv)])
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    run(pip + ["-e", str(ROOT), requirement(python, "flask", found["flask"]),
-               requirement(python, "werkzeug", found["werkzeug"]), PYTEST, *SUITE_DEPS])
+    run(pip + ["-e", str(ROOT), *(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *SUITE_DEPS])
     stamp.write_text(wanted)
     return venv
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the interpreter whose Flask and Werkzeug versions to test")
     args = parser.parse_args(argv)
     found = versions(args.python)
-    print(f"Flask {found['flask']}, Werkzeug {found['werkzeug']} (from {args.python})", flush=True)
+    print(", ".join(f"{name} {found[name]}" for name in MATCHED), f"(from {args.python})", flush=True)
     venv = suite_venv(args.python, found)
     source = flask_tests(venv, args.python, found["flask"])
     reports = CACHE / f"reports-{found['flask']}"

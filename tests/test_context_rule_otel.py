@@ -168,7 +168,7 @@ def test_deferred_teardown_detaches_opentelemetry_context_in_the_request_context
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_childs_log_records_carry_its_requests_trace_id(kind: str, serve: t.Any) -> None:
-    # README's OpenTelemetry recipe: opentelemetry-instrumentation-logging
+    # docs/observability.rst's OpenTelemetry recipe: opentelemetry-instrumentation-logging
     # with inject_trace_context=True reads the current span when a record is
     # made, in the emitting child: the child's span, in its request's trace.
     from opentelemetry.instrumentation.logging import LoggingInstrumentor

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,6 +24,40 @@ def test_imports_without_flask_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok False"
+
+
+@pytest.mark.parametrize(
+    ("module", "framework", "extra"), [("geventctx.flask", "flask", "flask"), ("geventctx.celery", "celery", "celery")]
+)
+def test_adapter_without_its_framework_names_the_extra_to_install(module: str, framework: str, extra: str) -> None:
+    code = (
+        "import sys\n"
+        f"sys.modules[{framework!r}] = None\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "import geventctx\n"
+        "assert geventctx.spawn(lambda: 1).get() == 1\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"pip install 'geventctx[{extra}]'" in out.stdout, out.stdout
+    assert out.stdout.startswith("ImportError "), out.stdout
+
+
+def test_the_oldest_ci_job_installs_exactly_the_declared_floors():
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = cfg["options"]["install_requires"] + cfg["options.extras_require"]["flask"]
+    floors = dict(re.findall(r"^\s*([\w.-]+)\s*>=\s*([\w.]+)\s*$", declared, re.M))
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = dict(re.findall(r"([\w.-]+)==([\w.]+)", re.search(r"^FLOORS :=(.*)$", makefile, re.M)[1]))
+    assert pinned == floors
+    assert set(floors) == {"gevent", "greenlet", "werkzeug", "flask"}
 
 
 def test_py_typed_marker_ships():
