@@ -44,7 +44,7 @@ else:
     # gives the module, ``geventctx.patch()`` patches.
     patch = _sys.modules[__name__ + ".patch"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BodyReadError",
