@@ -17,6 +17,15 @@ from geventctx import _flask_compat as compat
 from geventctx.flask import GeventContext
 
 
+def _late_after_this_request(release: Event, done: Event) -> None:
+    """A child's after_this_request, once ``release`` is set (late, by then)."""
+    release.wait()
+    try:
+        after_this_request(lambda response: response)
+    finally:
+        done.set()
+
+
 def make_app(**config):
     app = Flask(__name__)
     app.secret_key = "test-secret"
@@ -227,14 +236,7 @@ def test_after_this_request_from_child_after_response_warns(serve):
 
     @app.route("/")
     def index():
-        def child():
-            release.wait()
-            try:
-                after_this_request(lambda response: response)
-            finally:
-                done.set()
-
-        geventctx.spawn(child)
+        geventctx.spawn(_late_after_this_request, release, done)
         return "ok"
 
     server = serve(app)
@@ -357,14 +359,7 @@ def test_after_this_request_after_a_propagated_view_error_warns(serve):
 
     @app.route("/broken")
     def broken():
-        def child():
-            release.wait()
-            try:
-                after_this_request(lambda response: response)
-            finally:
-                done.set()
-
-        geventctx.spawn(child)
+        geventctx.spawn(_late_after_this_request, release, done)
         raise KeyError("view failed on purpose")
 
     server = serve(app, error_log=None)

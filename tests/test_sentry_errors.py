@@ -36,11 +36,9 @@ def test_an_exception_object_a_child_of_an_earlier_request_raised_is_still_repor
 ) -> None:
     # A shared failure (single-flight cache fill, a circuit breaker's stored
     # error, a module-level exception instance): every waiter raises the SAME
-    # exception object. Request 1's child is logged and reported. Request 2's
-    # child raises the same object: geventctx does not log it again (the
-    # _LOGGED mark stays on the object forever), and the integration then
-    # drops Flask's own event for request 2 (the _SENT mark too): request 2's
-    # failure (a 500) never reaches Sentry at all.
+    # exception object. Reports are kept per request: request 2's child is
+    # logged and sent like request 1's. (They were marks on the exception,
+    # set for ever: request 2's failure, a 500, never reached Sentry.)
     transport = sentry()
     app = flask.Flask(__name__)
     GeventContext(app)
@@ -116,10 +114,10 @@ def _fail_frozen(n: int) -> None:
 def test_an_exception_that_refuses_attributes_is_still_one_event(
     how: str, sentry: t.Any, serve: t.Any  # noqa: F811
 ) -> None:
-    # The marks are attributes on the exception; a frozen dataclass refuses
-    # them: the child's log line is one event, Flask's capture of the view's
-    # re-raise a second (pool_map: the helper's re-raise is logged again, a
-    # third).
+    # A frozen dataclass refuses attributes; nothing is written on the
+    # exception, so it is one event like any other. (With marks on the
+    # exception it was two events — three through pool_map, whose helper's
+    # re-raise was logged again.)
     transport = sentry()
     app = flask.Flask(__name__)
     GeventContext(app)

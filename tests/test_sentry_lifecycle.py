@@ -168,12 +168,11 @@ def test_after_the_integrations_client_is_gone_hand_offs_stop_calling_into_sentr
 
 def test_a_hand_off_from_a_spawner_without_sentry_scopes_builds_none(client_off: None) -> None:
     # Outside a request (a script, a CLI, a worker loop, a server's own
-    # greenlets) the spawner usually has no Sentry scope in its context. The
-    # fork asks Scope.get_isolation_scope()/get_current_scope() in the
-    # child's snapshot, which *construct* a Scope each (environment reads, a
-    # new propagation context) only to copy it: ~40 µs per hand-off here,
-    # three times the cost in a request, for children that may never touch
-    # Sentry (and could not share anything: there is nothing to share).
+    # greenlets) the spawner usually has no Sentry scope in its context: the
+    # fork forks only scopes that are set. (Asking
+    # Scope.get_isolation_scope()/get_current_scope() constructed a Scope
+    # each — environment reads, a new propagation context — only to copy it:
+    # ~40 µs per hand-off, for children that could share nothing.)
     _init(True)
     made = []
     original = Scope.__init__
