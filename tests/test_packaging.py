@@ -27,7 +27,12 @@ def test_imports_without_flask_installed():
 
 
 @pytest.mark.parametrize(
-    ("module", "framework", "extra"), [("geventctx.flask", "flask", "flask"), ("geventctx.celery", "celery", "celery")]
+    ("module", "framework", "extra"),
+    [
+        ("geventctx.flask", "flask", "flask"),
+        ("geventctx.celery", "celery", "celery"),
+        ("geventctx.integrations.sentry", "sentry_sdk", "sentry"),
+    ],
 )
 def test_adapter_without_its_framework_names_the_extra_to_install(module: str, framework: str, extra: str) -> None:
     code = (

@@ -56,10 +56,17 @@ from __future__ import annotations
 
 import typing as t
 
-import sentry_sdk
-from sentry_sdk.integrations import Integration
-from sentry_sdk.scope import Scope, add_global_event_processor
-from sentry_sdk.utils import event_from_exception
+try:
+    import sentry_sdk
+    from sentry_sdk.integrations import Integration
+    from sentry_sdk.scope import Scope, add_global_event_processor
+    from sentry_sdk.utils import event_from_exception
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "geventctx.integrations.sentry needs sentry-sdk 2.x: pip install 'geventctx[sentry]'", name=exc.name
+    ) from exc
+if not hasattr(Scope, "get_isolation_scope"):  # sentry-sdk 1.x: no isolation scope
+    raise ImportError("geventctx.integrations.sentry needs sentry-sdk 2.x: pip install 'geventctx[sentry]'")
 
 from .. import errorlog, forks
 from ..scope import _SCOPE
