@@ -40,6 +40,13 @@ CACHE = ROOT / ".cache" / "flask-suite"
 PYTEST = "pytest==8.4.2"
 #: What Flask's suite itself needs besides Flask (its "tests" dependency group).
 SUITE_DEPS = ["asgiref", "python-dotenv", "greenlet"]
+
+
+def suite_deps(flask_version: str) -> list[str]:
+    """What the suite of ``flask_version`` needs beside Flask: Flask 2.x's CLI
+    tests use ``CliRunner(mix_stderr=...)``, which click 8.2 removed."""
+    return SUITE_DEPS + (["click<8.2"] if int(flask_version.split(".")[0]) < 3 else [])
+
 #: Seconds each run of the suite may take.
 RUN_TIMEOUT = 900
 
@@ -82,14 +89,15 @@ def suite_venv(python: str, found: dict[str, str]) -> Path:
     """The suite's venv for these versions (made once; a stamp marks it done)."""
     venv = ROOT / f".venv-flask-suite-{found['flask']}"
     stamp = venv / ".installed"
-    wanted = " ".join([*(found[name] for name in MATCHED), PYTEST])
+    deps = suite_deps(found["flask"])
+    wanted = " ".join([*(found[name] for name in MATCHED), PYTEST, *deps])
     if stamp.exists() and stamp.read_text() == wanted:
         return venv
     if venv.exists():
         shutil.rmtree(venv)
     run([sys.executable, "-m", "venv", str(venv)])
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    run(pip + ["-e", str(ROOT), *(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *SUITE_DEPS])
+    run(pip + ["-e", str(ROOT), *(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *deps])
     stamp.write_text(wanted)
     return venv
 
