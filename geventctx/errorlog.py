@@ -94,19 +94,18 @@ def reported(scope: Scope, error: BaseException) -> bool:
     return held is not None and held.get(id(error)) is error
 
 
-def _report(scope: Scope, context: t.Any, exc_info: t.Any, message: str, *args: t.Any) -> bool:
+def _report(scope: Scope, context: t.Any, exc_info: t.Any, message: str, *args: t.Any) -> None:
     """Log ``exc_info`` and call the reporters, in ``context`` (``None``: the
-    current one is the child's); ``False`` if the request reported that
-    exception object already."""
+    current one is the child's), unless the request reported that exception
+    object already."""
     error = exc_info[1]
     if reported(scope, error):
-        return False
+        return
     scope.extras.setdefault(REPORTED, {})[id(error)] = error
     if context is None:
         _emit(scope, exc_info, message, args)
     else:
         context.copy().run(_emit, scope, exc_info, message, args)
-    return True
 
 
 def _emit(scope: Scope, exc_info: t.Any, message: str, args: tuple[t.Any, ...]) -> None:

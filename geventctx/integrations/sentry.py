@@ -59,30 +59,23 @@ import typing as t
 try:
     import sentry_sdk
     from sentry_sdk.integrations import Integration
-    from sentry_sdk.scope import Scope, add_global_event_processor
+
+    # The scopes' context variables, read without creating a scope
+    # (Scope.get_*_scope() makes one when unset); sentry-sdk 1.x has neither.
+    from sentry_sdk.scope import _current_scope, _isolation_scope, add_global_event_processor
     from sentry_sdk.utils import event_from_exception
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "geventctx.integrations.sentry needs sentry-sdk 2.x: pip install 'geventctx[sentry]'", name=exc.name
     ) from exc
-if not hasattr(Scope, "get_isolation_scope"):  # sentry-sdk 1.x: no isolation scope
-    raise ImportError("geventctx.integrations.sentry needs sentry-sdk 2.x: pip install 'geventctx[sentry]'")
 
 from .. import errorlog, forks
 from ..scope import _SCOPE
-
-try:  # read without creating (Scope.get_*_scope() makes one when unset)
-    from sentry_sdk.scope import _current_scope, _isolation_scope
-except ImportError:  # pragma: no cover - a sentry-sdk without them
-    _current_scope = _isolation_scope = None
 
 __all__ = ["GeventctxIntegration"]
 
 #: The ``extras`` key of a request scope's errors that Sentry sent, by id.
 _SENT = "sentry.sent"
-
-#: The hint key of this integration's own capture of a child's error.
-_CHILD_ERROR = "geventctx_child_error"
 
 
 class GeventctxIntegration(Integration):
@@ -103,19 +96,17 @@ class GeventctxIntegration(Integration):
         add_global_event_processor(_send_child_error_once)
 
 
-def _enabled() -> bool:
-    return sentry_sdk.get_client().get_integration(GeventctxIntegration) is not None
+def _client() -> t.Any:
+    """The current Sentry client if it has this integration, else ``None``."""
+    client = sentry_sdk.get_client()
+    return client if client.get_integration(GeventctxIntegration) is not None else None
 
 
 def _fork_scopes() -> None:
     """A geventctx fork: runs in each child's snapshot before it starts."""
-    if not _enabled():
+    if _client() is None:
         forks.unregister(_fork_scopes)
         errorlog.remove_reporter(_capture_child_error)
-        return
-    if _isolation_scope is None or _current_scope is None:  # pragma: no cover
-        Scope.set_isolation_scope(Scope.get_isolation_scope().fork())
-        Scope.set_current_scope(Scope.get_current_scope().fork())
         return
     # A scope that is not set is not shared: the child makes its own.
     isolation = _isolation_scope.get()
@@ -127,14 +118,14 @@ def _fork_scopes() -> None:
 
 
 def _capture_child_error(scope: t.Any, exc_info: t.Any) -> None:
-    """An errorlog reporter: capture a child's error, in the child's context."""
-    client = sentry_sdk.get_client()
-    if client.get_integration(GeventctxIntegration) is None:
+    """An errorlog reporter: capture a child's error, in the child's context
+    (errorlog calls it once per request and exception object)."""
+    client = _client()
+    if client is None:
         return
     event, hint = event_from_exception(
         exc_info, client_options=client.options, mechanism={"type": "geventctx", "handled": False}
     )
-    hint[_CHILD_ERROR] = True  # each failed child is an event of its own
     if sentry_sdk.capture_event(event, hint=hint) is not None:  # sent, not dropped
         scope.extras.setdefault(_SENT, {})[id(exc_info[1])] = exc_info[1]
 
@@ -144,7 +135,7 @@ def _send_child_error_once(event: t.Any, hint: t.Any) -> t.Any:
     captured directly), and a later event of the same request for a child
     error that was sent."""
     exc_info = hint.get("exc_info") if hint else None
-    if not exc_info or hint.get(_CHILD_ERROR) or not _enabled():
+    if not exc_info or _client() is None:
         return event
     scope = _SCOPE.get()
     if scope is None:
