@@ -57,12 +57,18 @@ def digest() -> str:
         return f"error: {exc!r}"
 
 
+def everyone(read: t.Callable[[], str]) -> list[str]:
+    """``read()`` in the view and in ``?children=N`` children at once: the
+    view's result first, then each child's."""
+    children = [geventctx.spawn(read) for _ in range(int(request.args.get("children", 0)))]
+    mine = read()
+    gevent.joinall(children, timeout=10)
+    return [mine] + [child.value for child in children]
+
+
 @app.post("/upload")
 def upload() -> str:
-    children = [geventctx.spawn(digest) for _ in range(int(request.args.get("children", 0)))]
-    mine = digest()
-    gevent.joinall(children, timeout=10)
-    return ",".join([mine] + [child.value for child in children])
+    return ",".join(everyone(digest))
 
 
 def outcome() -> str:
@@ -74,10 +80,7 @@ def outcome() -> str:
 
 @app.post("/readers")
 def readers() -> str:
-    children = [geventctx.spawn(outcome) for _ in range(int(request.args.get("children", 0)))]
-    mine = outcome()
-    gevent.joinall(children, timeout=10)
-    events["readers"].append([mine] + [child.value for child in children])
+    events["readers"].append(everyone(outcome))
     return "read"
 
 
