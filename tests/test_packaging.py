@@ -11,6 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _python(code: str) -> str:
+    """What a fresh interpreter running ``code`` prints (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_imports_without_flask_installed():
     # sys.modules[name] = None makes any `import flask` raise ImportError,
     # as on a machine without Flask.
@@ -21,9 +28,7 @@ def test_imports_without_flask_installed():
         "assert geventctx.spawn(lambda: 1).get() == 1\n"
         "print('ok', 'flask' in sys.modules and sys.modules['flask'] is not None)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok False"
+    assert _python(code).strip() == "ok False"
 
 
 @pytest.mark.parametrize(
@@ -45,10 +50,9 @@ def test_adapter_without_its_framework_names_the_extra_to_install(module: str, f
         "import geventctx\n"
         "assert geventctx.spawn(lambda: 1).get() == 1\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert f"pip install 'geventctx[{extra}]'" in out.stdout, out.stdout
-    assert out.stdout.startswith("ImportError "), out.stdout
+    out = _python(code)
+    assert f"pip install 'geventctx[{extra}]'" in out, out
+    assert out.startswith("ImportError "), out
 
 
 def test_the_oldest_ci_job_installs_exactly_the_declared_floors():
