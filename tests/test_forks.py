@@ -92,7 +92,30 @@ def test_without_a_fork_the_shared_object_bleeds(kind):
     assert after == b
 
 
-def test_a_fork_runs_in_the_childs_snapshot_before_it_starts(forked):
+def hand_off_one(kind: str, function: t.Callable[[], t.Any]) -> t.Any:
+    """``function()``'s result, run as one child of the given kind."""
+    if kind == "spawn":
+        return geventctx.spawn(function).get()
+    if kind == "pool":
+        return geventctx.Pool(1).map(lambda _: function(), [0])[0]
+    if kind == "executor":
+        with geventctx.Executor() as executor:
+            return executor.submit(function).result()
+    if kind == "threadpool":
+        pool = geventctx.ThreadPool(1)
+        try:
+            return pool.spawn(function).get()
+        finally:
+            pool.kill()
+    geventctx.patch()
+    try:
+        return gevent.spawn(function).get()
+    finally:
+        geventctx.unpatch()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fork_runs_in_the_childs_snapshot_before_it_starts(kind):
     # It runs in the spawner (before the child's first line), in the child's
     # Context: what it sets is the child's, never the parent's.
     ran_in: list[t.Any] = []
@@ -104,17 +127,17 @@ def test_a_fork_runs_in_the_childs_snapshot_before_it_starts(forked):
     forks.register(record)
     try:
 
-        def parent() -> tuple[dict[str, str], dict[str, str]]:
+        def parent() -> tuple[dict[str, str], dict[str, str], t.Any]:
             tags.set({})
-            child = geventctx.spawn(lambda: dict(tags.get()))
-            assert ran_in == [gevent.getcurrent()]  # already ran, here
-            return child.get(), dict(tags.get())
+            seen = hand_off_one(kind, lambda: dict(tags.get()))
+            return seen, dict(tags.get()), gevent.getcurrent()
 
-        seen, after = contextvars.Context().run(parent)
+        seen, after, spawner = contextvars.Context().run(parent)
     finally:
         forks.unregister(record)
     assert seen == {"forked": "yes"}
     assert after == {}
+    assert ran_in[0] is spawner  # (Pool.map's workers fork again in its helper)
 
 
 def test_a_failing_fork_is_logged_and_the_child_starts(caplog):
@@ -128,6 +151,26 @@ def test_a_failing_fork_is_logged_and_the_child_starts(caplog):
     finally:
         forks.unregister(broken)
     assert any("fork broke" in (r.exc_text or str(r.exc_info)) for r in caplog.records)
+
+
+def test_a_failing_fork_does_not_keep_the_later_forks_from_running(caplog):
+    def broken() -> None:
+        raise RuntimeError("fork broke")
+
+    forks.register(broken)
+    forks.register(fork_tags)
+    try:
+
+        def parent() -> tuple[dict[str, str], dict[str, str]]:
+            tags.set({})
+            return geventctx.spawn(tag, "child").get(), dict(tags.get())
+
+        with caplog.at_level(logging.ERROR, logger="geventctx"):
+            seen, after = contextvars.Context().run(parent)
+    finally:
+        forks.unregister(broken)
+        forks.unregister(fork_tags)
+    assert seen == {"child": "set"} and after == {}  # fork_tags ran after the broken one
 
 
 def test_register_is_idempotent_and_unregister_stops_it():
