@@ -641,7 +641,7 @@ def test_a_thread_task_joins_the_child_it_handed_over(serve, pools):
     assert serve(app).request("GET", "/join").body == b"from the view"
 
 
-@pytest.mark.parametrize("wait", ["result", "exception"])
+@pytest.mark.parametrize("wait", ["result", "exception", "exception_of_a_failure"])
 def test_a_thread_task_waits_without_a_timeout_for_the_future_it_submitted(serve, pools, wait):
     # Executor.submit from a task is handed over to the request's hub; the
     # task's wait is native (a gevent Event in the worker thread's idle hub
@@ -653,8 +653,16 @@ def test_a_thread_task_waits_without_a_timeout_for_the_future_it_submitted(serve
 
     @app.get("/f")
     def view() -> str:
+        def work() -> str:
+            gevent.sleep(0.02)
+            if wait == "exception_of_a_failure":
+                raise LookupError(g.marker)
+            return t.cast(str, g.marker)
+
         def task() -> str:
-            future = executor.submit(lambda: (gevent.sleep(0.02), g.marker)[1])
+            future = executor.submit(work)
+            if wait == "exception_of_a_failure":
+                return str(future.exception().args[0])  # type: ignore[union-attr]
             if wait == "exception":
                 assert future.exception() is None
             return t.cast(str, future.result())  # no timeout, as usually called
