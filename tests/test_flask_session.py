@@ -230,6 +230,30 @@ def test_after_this_request_from_child_before_response_runs(serve):
     assert serve(app).request("GET", "/").header("x-from-child") == "yes"
 
 
+def test_after_this_request_added_while_flask_runs_the_list_still_runs(serve):
+    # The seal comes where Flask's loop stops reading the list: a function an
+    # after-request function adds while the loop runs is read by it, as with
+    # a plain list, and gets no warning.
+    app = make_app()
+
+    @app.route("/")
+    def index():
+        def child():
+            @after_this_request
+            def first(response):
+                @after_this_request
+                def second(response):
+                    response.headers["X-Second"] = "ran"
+                    return response
+
+                return response
+
+        geventctx.spawn(child).join()
+        return "ok"
+
+    assert serve(app).request("GET", "/").header("x-second") == "ran"
+
+
 def test_after_this_request_from_child_after_response_warns(serve):
     app = make_app()
     release, done = Event(), Event()
