@@ -132,3 +132,46 @@ def test_a_threadpool_tasks_error_is_logged_in_the_tasks_context(serve):
         threads.kill()
     failed = [r for r in handler.records if r.exc_info]
     assert [(r.exc_info[1].args[0], r.geventctx_request) for r in failed] == [(n, f"GET /fail/{n}") for n in range(3)]
+
+
+def test_add_request_keeps_what_the_call_set():
+    # structlog's convention: a key the log call passes wins over a processor's.
+    event = add_request(None, "info", {"event": "e", "request": "batch 7", "spawn_site": "cli.py:3"})
+    assert (event["request"], event["spawn_site"]) == ("batch 7", "cli.py:3")
+    assert add_request(None, "info", {"event": "e"})["request"] == "-"
+
+
+def test_a_failing_error_reporter_is_logged_and_the_others_still_run(serve):
+    from geventctx import errorlog
+
+    handler = Collect()
+    logger = logging.getLogger("geventctx")
+    logger.addHandler(handler)
+    seen: list[str] = []
+
+    def broken(scope: t.Any, exc_info: t.Any) -> None:
+        raise RuntimeError("reporter broke")
+
+    def working(scope: t.Any, exc_info: t.Any) -> None:
+        seen.append(f"{scope.label}: {exc_info[1]}")
+
+    app = flask.Flask(__name__)
+    GeventContext(app)
+
+    @app.get("/fail")
+    def view() -> str:
+        geventctx.spawn(lambda: 1 / 0).join()
+        return "ok"
+
+    errorlog.add_reporter(broken)
+    errorlog.add_reporter(working)
+    try:
+        assert serve(app).request("GET", "/fail").status == 200
+    finally:
+        errorlog.remove_reporter(broken)
+        errorlog.remove_reporter(working)
+        logger.removeHandler(handler)
+    assert seen == ["GET /fail: division by zero"]
+    messages = [r.getMessage() for r in handler.records]
+    assert any("failed" in m and "GET /fail" in m for m in messages)  # the child's own report
+    assert any("error reporter" in m and "broken" in m for m in messages)
