@@ -102,7 +102,12 @@ def test_every_complete_program_runs(block: Block, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-    assert out.strip(), f"{block}: the child printed nothing\n{err}"
+    # What the child saw of the request (its path, GET /), and a teardown
+    # that says so comes after it.
+    saw = [i for i, line in enumerate(out.splitlines()) if "GET /" in line or "from /" in line]
+    assert saw, f"{block}: no child line names the request\n{out}\n{err}"
+    teardown = [i for i, line in enumerate(out.splitlines()) if line.startswith("teardown")]
+    assert all(i > saw[0] for i in teardown), f"{block}: teardown before the child\n{out}"
     assert "Warning" not in err and "Traceback" not in err, f"{block}\n{err}"
 
 
