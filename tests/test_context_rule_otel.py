@@ -140,11 +140,11 @@ def test_deferred_teardown_detaches_opentelemetry_context_in_the_request_context
     try:
         server = serve(traced.app)
         with caplog.at_level(logging.DEBUG):
-            for _ in range(2):  # the second on a fresh connection of the same server
+            for n in (1, 2):  # the second on a fresh connection of the same server
                 response = http_request(server.port, "GET", f"/{kind}")
                 assert response is not None and response.status == 200
                 traced.release.set()
-                wait_for(lambda: len(traced.teardowns) >= 1, 5, "the deferred teardown")
+                wait_for(lambda n=n: len(traced.teardowns) >= n, 5, "this request's deferred teardown")
                 traced.release.clear()
             wait_for(lambda: len(traced.teardowns) == 2, 5, "both teardowns")
     finally:
