@@ -32,6 +32,10 @@ Flask-SQLAlchemy's ``db.session`` first of all — is the child's own.
   the hand-offs the child made. An app with no ``teardown_appcontext``
   function and no ``appcontext_tearing_down`` receiver at the hand-off
   has nothing to run: no end, no wrapper frame.
+- **A teardown does not hand off a teardown.** A hand-off made while a
+  child's context is torn down (a ``teardown_appcontext`` function that
+  spawns) gets an app context of its own with no teardown: otherwise such
+  a function would spawn again at each child's end, for ever.
 - **Signals.** A child's context is not pushed: ``appcontext_pushed`` and
   ``appcontext_popped`` are not sent for it; ``appcontext_tearing_down``
   is (Flask sends it from ``do_teardown_appcontext``).
@@ -49,6 +53,7 @@ from __future__ import annotations
 import copy
 import logging
 import typing as t
+from contextvars import ContextVar
 
 from flask.ctx import AppContext
 from flask.signals import appcontext_tearing_down
@@ -62,6 +67,8 @@ log = logging.getLogger("geventctx")
 
 _cv_app = compat._cv_app
 _NOTHING: t.Any = object()
+#: Set while a child's app context is torn down (in the child).
+_TEARING_DOWN: ContextVar[bool] = ContextVar("geventctx.child_teardown", default=False)
 
 #: ``g`` names copied into each child at the hand-off, with their copier.
 _forked_g: dict[str, t.Callable[[t.Any], t.Any]] = {"_flask_babel": copy.copy}
@@ -215,12 +222,14 @@ class ChildAppContext(AppContext):
         self.g = _own_view(g)
         app = self.app
         token = _cv_app.set(self) if _cv_app.get(None) is not self else None
+        tearing_down = _TEARING_DOWN.set(True)
         try:
             if compat.MERGED:
                 type(app).do_teardown_appcontext(app, self, error)
             else:
                 type(app).do_teardown_appcontext(app, error)
         finally:
+            _TEARING_DOWN.reset(tearing_down)
             if token is not None:
                 _cv_app.reset(token)
             self.g = g
@@ -257,7 +266,7 @@ def _fork_app_context() -> forks.End | None:
         _fork_names(parent_g, g.__dict__)
     state["g"] = g
     _cv_app.set(child)
-    if app.teardown_appcontext_funcs or appcontext_tearing_down.receivers:
+    if (app.teardown_appcontext_funcs or appcontext_tearing_down.receivers) and not _TEARING_DOWN.get():
         return child.geventctx_end
     return None
 
