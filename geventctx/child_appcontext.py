@@ -217,7 +217,7 @@ class ChildAppContext(AppContext):
         # Flask 3.2: the session is the view's, opened by the view's
         # context whoever asks first.
         def _get_session(self) -> t.Any:
-            return self._geventctx_parent._get_session()
+            return self.__dict__["_geventctx_parent"]._get_session()
 
     def geventctx_end(self, error: BaseException | None) -> None:
         """The child ended: run Flask's app-context teardown for this
@@ -228,10 +228,11 @@ class ChildAppContext(AppContext):
         token = _cv_app.set(self) if _cv_app.get(None) is not self else None
         tearing_down = _TEARING_DOWN.set(True)
         try:
+            teardown: t.Any = type(app).do_teardown_appcontext
             if compat.MERGED:
-                type(app).do_teardown_appcontext(app, self, error)
+                teardown(app, self, error)
             else:
-                type(app).do_teardown_appcontext(app, error)
+                teardown(app, error)
         finally:
             _TEARING_DOWN.reset(tearing_down)
             if token is not None:
@@ -240,8 +241,8 @@ class ChildAppContext(AppContext):
 
 
 #: Slot setters of a child's g (faster than object.__setattr__ per hand-off).
-_set_parent = _ReadThrough._geventctx_parent.__set__  # type: ignore[attr-defined]
-_set_hidden = _ReadThrough._geventctx_hidden.__set__  # type: ignore[attr-defined]
+_set_parent = t.cast(t.Any, _ReadThrough.__dict__["_geventctx_parent"]).__set__
+_set_hidden = t.cast(t.Any, _ReadThrough.__dict__["_geventctx_hidden"]).__set__
 _new_context = object.__new__
 
 
@@ -258,7 +259,7 @@ def _fork_app_context() -> forks.End | None:
     g_class = _child_classes.get(app.app_ctx_globals_class)
     if g_class is None:
         g_class = _child_g_class(app.app_ctx_globals_class)
-    g = _new_context(g_class)
+    g: t.Any = _new_context(g_class)
     _set_parent(g, parent_g)
     _set_hidden(g, None)
     if _forked_g:

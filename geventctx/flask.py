@@ -86,7 +86,6 @@ from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
 from . import errorlog, stragglers
-from .child_appcontext import fork_g, forked_g, unfork_g
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
     BODY_MODES,
@@ -98,6 +97,7 @@ from .body import (
     has_body,
     share_wsgi_input,
 )
+from .child_appcontext import fork_g, forked_g, unfork_g
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class

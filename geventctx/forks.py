@@ -51,8 +51,8 @@ __all__ = ["register", "unregister", "registered", "snapshot", "handoff_context"
 log = logging.getLogger("geventctx")
 
 #: What a fork may return: run once at the child's end, with what it raised.
-End = t.Callable[[t.Optional[BaseException]], None]
-Fork = t.Callable[[], t.Optional[End]]
+End = t.Callable[[BaseException | None], None]
+Fork = t.Callable[[], End | None]
 
 #: The registered forks, in registration order (read on every hand-off).
 _forks: list[Fork] = []
