@@ -201,25 +201,75 @@ _set_dict = object.__setattr__
 def _own_view(g: t.Any) -> t.Any:
     """A plain ``g`` of the child's base class sharing its ``__dict__``:
     only what the child set (for its teardown)."""
-    view = _new_context(g._geventctx_base)
+    view = object.__new__(g._geventctx_base)
     _set_dict(view, "__dict__", g.__dict__)
     return view
 
 
+def _new_g(parent_g: t.Any, g_class: type) -> t.Any:
+    """A child's ``g``: an instance of ``g_class`` reading through to ``parent_g``."""
+    g: t.Any = _new_object(g_class)
+    _set_parent(g, parent_g)
+    _set_hidden(g, None)
+    return g
+
+
 class ChildAppContext(AppContext):
     """A child's own app context (see the module's rule). Made by the
-    hand-off's fork, never pushed; torn down by :meth:`geventctx_end`.
+    hand-off's fork, never pushed; torn down when called (it is the fork's
+    end: ``ctx(error)``).
+
+    Made for P1 and P5 (DESIGN: the child's own app context adds at most
+    2 µs and 2 GC-tracked objects per hand-off): state in slots, no
+    ``__dict__``; its ``g`` and its ``_cv_tokens`` list made on first use.
 
     .. versionadded:: 0.2
     """
 
     if compat.MERGED:
-        # Flask 3.2: the session is the view's, opened by the view's
-        # context whoever asks first.
+        # Flask 3.2: the request's data lives in the (merged) context and
+        # goes in __dict__; the session is opened by the view's context,
+        # whoever asks first.
+        __slots__: tuple[str, ...] = ("_geventctx_g", "_geventctx_parent_g", "_geventctx_tokens")
+
         def _get_session(self) -> t.Any:
             return self.__dict__["_geventctx_parent"]._get_session()
 
-    def geventctx_end(self, error: BaseException | None) -> None:
+        def copy(self) -> t.Any:
+            # copy_current_request_context in a child: a plain context.
+            cls: t.Any = AppContext
+            return cls(self.app, request=self.__dict__["_request"], session=self._get_session())
+    else:
+        __slots__ = ("app", "url_adapter", "_geventctx_g", "_geventctx_parent_g", "_geventctx_tokens")
+
+    _geventctx_g: t.Any
+    _geventctx_parent_g: t.Any
+    _geventctx_tokens: list[t.Any]
+
+    @property
+    def g(self) -> t.Any:
+        try:
+            return self._geventctx_g
+        except AttributeError:
+            parent_g = self._geventctx_parent_g
+            base: t.Any = type(parent_g)
+            g = self._geventctx_g = _new_g(parent_g, _child_g_class(getattr(base, "_geventctx_base", base)))
+            return g
+
+    @g.setter
+    def g(self, value: t.Any) -> None:
+        self._geventctx_g = value
+
+    @property
+    def _cv_tokens(self) -> list[t.Any]:  # type: ignore[override]
+        try:
+            return self._geventctx_tokens
+        except AttributeError:
+            tokens: list[t.Any] = []
+            self._geventctx_tokens = tokens
+            return tokens
+
+    def __call__(self, error: BaseException | None) -> None:
         """The child ended: run Flask's app-context teardown for this
         context, in the child, with ``g`` showing only the child's names."""
         g = self.g
@@ -240,55 +290,57 @@ class ChildAppContext(AppContext):
             self.g = g
 
 
-#: Slot setters of a child's g (faster than object.__setattr__ per hand-off).
+#: Slot setters (faster than setattr per hand-off, and no __dict__).
 _set_parent = t.cast(t.Any, _ReadThrough.__dict__["_geventctx_parent"]).__set__
 _set_hidden = t.cast(t.Any, _ReadThrough.__dict__["_geventctx_hidden"]).__set__
-_new_context = object.__new__
+_slot = ChildAppContext.__dict__
+_set_parent_g = t.cast(t.Any, _slot["_geventctx_parent_g"]).__set__
+_set_own_g = t.cast(t.Any, _slot["_geventctx_g"]).__set__
+_new_object = object.__new__
+if not compat.MERGED:
+    _set_app = t.cast(t.Any, _slot["app"]).__set__
+    _set_url_adapter = t.cast(t.Any, _slot["url_adapter"]).__set__
 
 
 def _fork_app_context() -> forks.End | None:
     """The fork: in a child's snapshot, an app context of its own.
 
     Every line is on the hand-off path of a child in an app context (P1's
-    app-context row, budget 2 µs): no URL adapter rebuilt, no ``__init__``."""
+    and P5's app-context rows): no URL adapter rebuilt, no ``__init__``, no
+    ``g`` until the child uses it — but for a name registered with
+    :func:`fork_g` the spawner has, copied now."""
     parent = _cv_app.get(None)
     if parent is None:
         return None
     app = parent.app
+    child = _new_object(ChildAppContext)
     parent_g = parent.g
-    g_class = _child_classes.get(app.app_ctx_globals_class)
-    if g_class is None:
-        g_class = _child_g_class(app.app_ctx_globals_class)
-    g: t.Any = _new_context(g_class)
-    _set_parent(g, parent_g)
-    _set_hidden(g, None)
+    _set_parent_g(child, parent_g)
     if _forked_g:
-        _fork_names(parent_g, g.__dict__)
-    child = _new_context(ChildAppContext)
+        own = _forked_names(parent_g)
+        if own is not None:
+            g = child.g
+            g.__dict__.update(own)
     if compat.MERGED:
-        # Flask 3.2: one context per request; the child carries the same
-        # request, session and after-request list (the session is opened
-        # through the view's context: ChildAppContext._get_session).
         parent_state = parent.__dict__
         child.__dict__.update(
-            app=app, g=g, url_adapter=parent.url_adapter, _request=parent_state.get("_request"),
+            app=app, url_adapter=parent.url_adapter, _request=parent_state.get("_request"),
             _session=parent_state.get("_session"), _flashes=parent_state.get("_flashes"),
             _after_request_functions=parent_state.get("_after_request_functions"),
             _cv_token=None, _push_count=0, _geventctx_parent=parent,
         )
     else:
-        state = child.__dict__
-        state["app"] = app
-        state["url_adapter"] = parent.url_adapter
-        state["g"] = g
-        state["_cv_tokens"] = []
+        _set_app(child, app)
+        _set_url_adapter(child, parent.url_adapter)
     _cv_app.set(child)
     if (app.teardown_appcontext_funcs or appcontext_tearing_down.receivers) and not _TEARING_DOWN.get():
-        return child.geventctx_end
+        return child
     return None
 
 
-def _fork_names(parent_g: t.Any, own: dict[str, t.Any]) -> None:
+def _forked_names(parent_g: t.Any) -> dict[str, t.Any] | None:
+    """Copies of the registered names ``parent_g`` has (``None``: none)."""
+    own: dict[str, t.Any] | None = None
     parent_own = parent_g.__dict__
     for name in _forked_g:
         if name in parent_own:
@@ -298,9 +350,14 @@ def _fork_names(parent_g: t.Any, own: dict[str, t.Any]) -> None:
         else:
             continue
         try:
-            own[name] = _forked_g[name](value)
+            copied = _forked_g[name](value)
         except Exception:
             log.exception("copying g.%s for a child failed; the child shares the spawner's", name)
+            continue
+        if own is None:
+            own = {}
+        own[name] = copied
+    return own
 
 
 forks.register(_fork_app_context)

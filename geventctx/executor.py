@@ -114,7 +114,7 @@ class _Task:
         context: Context,
         scope: Scope | None,
         site: Site | None,
-        ends: list[End] | None = None,
+        ends: End | None = None,
     ) -> None:
         self.future = future
         #: What the forks gave the task to run at its end (its own app

@@ -46,7 +46,7 @@ import logging
 import typing as t
 from contextvars import Context, copy_context
 
-__all__ = ["register", "unregister", "registered", "snapshot", "handoff_context", "End"]
+__all__ = ["register", "unregister", "registered", "snapshot", "handoff_context", "End", "Ends"]
 
 log = logging.getLogger("geventctx")
 
@@ -77,25 +77,34 @@ def registered() -> list[Fork]:
     return list(_forks)
 
 
-def run_forks() -> list[End] | None:
-    """Run every fork in the current Context (a child's snapshot); the ends
-    they returned, in registration order, or ``None`` if none did."""
-    ends: list[End] | None = None
+class Ends(list):  # type: ignore[type-arg]
+    """The ends of one hand-off when more than one fork returned one."""
+
+
+def run_forks() -> End | None:
+    """Run every fork in the current Context (a child's snapshot); what to
+    run at the child's end: the one end a fork returned, an :class:`Ends`
+    of several in registration order, or ``None``. (One end is kept as it
+    is: no list per hand-off, P5.)"""
+    ends: t.Any = None
     for fork in list(_forks):
         try:
             end = fork()
         except Exception:
             log.exception("the hand-off fork %r failed; the child shares what it would fork", fork)
             continue
-        if end is not None:
-            if ends is None:
-                ends = [end]
-            else:
-                ends.append(end)
-    return ends
+        if end is None:
+            continue
+        if ends is None:
+            ends = end
+        elif type(ends) is Ends:
+            ends.append(end)
+        else:
+            ends = Ends((ends, end))
+    return t.cast("End | None", ends)
 
 
-def handoff_context() -> tuple[Context, list[End] | None]:
+def handoff_context() -> tuple[Context, End | None]:
     """A child's Context (a copy of the current one, with every fork run in
     it) and the ends the forks returned (``None``: nothing to run at the end)."""
     context = copy_context()

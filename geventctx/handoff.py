@@ -34,7 +34,7 @@ from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import Site, format_site, site_of
 from .errors import LateEffectWarning
-from .forks import End, _forks
+from .forks import End, Ends, _forks
 from .forks import handoff_context as _handoff_context
 from .forks import run_forks as _run_forks
 from .scope import _SCOPE, Scope
@@ -121,7 +121,7 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
 
 def bind(
     child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None,
-    ends: list[End] | None = None,
+    ends: End | None = None,
 ) -> None:
     """Register ``child`` as a hand-off running in ``context``.
 
@@ -209,9 +209,9 @@ class Ending:
 
     __slots__ = ("function", "ends", "context", "site")
 
-    def __init__(self, function: t.Callable[..., t.Any], ends: list[End], context: Context, site: t.Any) -> None:
+    def __init__(self, function: t.Callable[..., t.Any], ends: End, context: Context, site: t.Any) -> None:
         self.function = function
-        self.ends: list[End] | None = ends
+        self.ends: End | None = ends
         self.context = context
         self.site = site
 
@@ -258,12 +258,14 @@ def _kill_of(child: t.Any) -> BaseException | None:
     return t.cast("BaseException | None", error)
 
 
-def run_ends(ends: list[End], error: BaseException | None, site: t.Any) -> None:
-    """Run each end once with ``error``; then raise the first BaseException
-    one raised (an ``Exception`` is logged with the spawn site ``site``,
+def run_ends(ends: End, error: BaseException | None, site: t.Any) -> None:
+    """Run each end (one, or an :class:`~geventctx.forks.Ends`) once with
+    ``error``; then raise the first BaseException one raised (an
+    ``Exception`` is logged with the spawn site ``site``,
     :data:`registry.LAZY_SITE` for the running greenlet's own)."""
     failure: BaseException | None = None
-    for end in ends:
+    several: t.Any = ends
+    for end in several if type(several) is Ends else (ends,):
         try:
             end(error)
         except Exception:
@@ -290,7 +292,7 @@ def end_now_if_never_ran(child: t.Any) -> None:
 
 
 def end_elsewhere(
-    ends: list[End], error: BaseException | None, context: Context, site: t.Any,
+    ends: End, error: BaseException | None, context: Context, site: t.Any,
     then: t.Callable[[], t.Any] | None = None,
 ) -> None:
     """Run ``ends`` of a hand-off that never ran in a greenlet of their own,
