@@ -39,6 +39,7 @@ from gevent import socket
 from gevent.pywsgi import WSGIServer
 
 import geventctx
+from geventctx import _flask_compat
 from geventctx.flask import GeventContext
 
 TITLE = "memory retained (P5)"
@@ -157,6 +158,9 @@ LIVE_CHILDREN = 2_000
 GC_OBJECTS_OVER = 2
 
 
+_cv_app = _flask_compat._cv_app
+
+
 def _tracked_per_live_child(spawn: t.Callable[..., t.Any]) -> float:
     """GC-tracked objects per child while LIVE_CHILDREN wait on one event."""
     from gevent.event import Event
@@ -187,11 +191,24 @@ def gc_objects(quick: bool) -> list[Row]:
         flask.g.user = "alice"
         for _ in range(2):  # the second reading counts (warm caches)
             readings["gevent"] = _tracked_per_live_child(gevent.spawn)
-            readings["geventctx"] = _tracked_per_live_child(geventctx.spawn)
+            # The hand-off alone: Flask's app context hidden, so no child
+            # makes one of its own (the next rows).
+            token = _cv_app.set(None)
+            try:
+                readings["geventctx"] = _tracked_per_live_child(geventctx.spawn)
+            finally:
+                _cv_app.reset(token)
+            readings["app context"] = _tracked_per_live_child(geventctx.spawn)
+            app.teardown_appcontext_funcs.append(_no_teardown)
+            try:
+                readings["torn down"] = _tracked_per_live_child(geventctx.spawn)
+            finally:
+                app.teardown_appcontext_funcs.remove(_no_teardown)
         return "ok"
 
     assert app.test_client().get("/live").status_code == 200
     base, ours = readings["gevent"], readings["geventctx"]
+    own, torn = readings["app context"] - ours, readings["torn down"] - ours
     return [
         Row(
             "GC-tracked objects per live gevent.spawn child", base, "objects", note=f"{LIVE_CHILDREN} children waiting"
@@ -202,9 +219,31 @@ def gc_objects(quick: bool) -> list[Row]:
             "objects",
             budget=f"P5 <= gevent's + {GC_OBJECTS_OVER}: {ours - base:+.1f}",
             ok=ours <= base + GC_OBJECTS_OVER,
-            note="in a GeventContext request",
+            note="in a GeventContext request, the hand-off alone",
+        ),
+        Row(
+            "+ the child's own app context (G3)",
+            readings["app context"],
+            "objects",
+            budget=f"P5 app context <= {APP_CONTEXT_OBJECTS} more: {own:+.1f}",
+            ok=own <= APP_CONTEXT_OBJECTS,
+            note="the context, and the 2 HAMT objects contextvars makes for a variable set in a copy",
+        ),
+        Row(
+            "+ own app context, torn down at the end",
+            readings["torn down"],
+            "objects",
+            note=f"{torn:+.1f} over the hand-off: and the wrapper that runs the teardown in the child",
         ),
     ]
+
+
+#: P5's budget for the child's own app context (G3), over the hand-off.
+APP_CONTEXT_OBJECTS = 2
+
+
+def _no_teardown(exc: BaseException | None) -> None:
+    """A teardown function (as Flask-SQLAlchemy registers one)."""
 
 
 # -- requests through a real server ---------------------------------------------------
