@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from . import _threads, handoff
 from ._site import Site, site_of
-from .forks import snapshot
+from .forks import End, handoff_context
 from .scope import Scope
 
 __all__ = ["Executor", "Future"]
@@ -103,7 +103,7 @@ class _CooperativeWaiters(list):  # type: ignore[type-arg]
 
 
 class _Task:
-    __slots__ = ("future", "fn", "args", "kwargs", "context", "scope", "site", "started")
+    __slots__ = ("future", "fn", "args", "kwargs", "context", "scope", "site", "started", "ends")
 
     def __init__(
         self,
@@ -114,8 +114,12 @@ class _Task:
         context: Context,
         scope: Scope | None,
         site: Site | None,
+        ends: list[End] | None = None,
     ) -> None:
         self.future = future
+        #: What the forks gave the task to run at its end (its own app
+        #: context): run in its worker, or where a cancelled task is dropped.
+        self.ends = ends
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
@@ -170,7 +174,8 @@ class Executor(concurrent.futures.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = Future()
         scope = handoff.pin_current_scope(site)
-        task = _Task(future, fn, args, kwargs, snapshot(), scope, site)
+        context, ends = handoff_context()
+        task = _Task(future, fn, args, kwargs, context, scope, site, ends)
         self._idle.clear()
         if self._max_workers is None or len(self._running) < self._max_workers:
             self._start(task)
@@ -207,8 +212,7 @@ class Executor(concurrent.futures.Executor):
             self._pending.remove(task)
         except ValueError:
             return
-        if task.scope is not None:
-            task.scope.release()
+        _drop(task)
         self._room.set()
         self._maybe_idle()
 
@@ -217,8 +221,7 @@ class Executor(concurrent.futures.Executor):
         while self._pending and (self._max_workers is None or len(self._running) < self._max_workers):
             task = self._pending.popleft()
             if task.future.cancelled():
-                if task.scope is not None:
-                    task.scope.release()
+                _drop(task)
                 continue
             self._start(task)
         self._room.set()
@@ -285,16 +288,36 @@ def _result_or_cancel(future: Future, timeout: float | None = None) -> t.Any:
         future.cancel()
 
 
+def _drop(task: _Task) -> None:
+    # A task cancelled while queued never runs: its ends run in a greenlet
+    # of their own, then its scope hold goes.
+    ends, task.ends = task.ends, None
+    release = task.scope.release if task.scope is not None else None
+    if ends is not None:
+        handoff.end_elsewhere(ends, concurrent.futures.CancelledError(), task.context, task.site, release)
+    elif release is not None:
+        release()
+
+
 def _run(executor: Executor, task: _Task) -> None:
+    # The task's ends (its own app context) run here, in its worker, before
+    # its future is settled: whoever waits for it finds them done.
     future = task.future
+    ends, task.ends = task.ends, None
     try:
         if future.set_running_or_notify_cancel():
             try:
                 result = task.fn(*task.args, **task.kwargs)
             except BaseException as exc:  # the future's, as in concurrent.futures
+                if ends is not None:
+                    handoff.run_ends(ends, exc, task.site)
                 future.set_exception(exc)
             else:
+                if ends is not None:
+                    handoff.run_ends(ends, None, task.site)
                 future.set_result(result)
+        elif ends is not None:
+            handoff.run_ends(ends, concurrent.futures.CancelledError(), task.site)
     finally:
         task.args = task.kwargs = None  # type: ignore[assignment]
         executor._worker_done(gevent.getcurrent())

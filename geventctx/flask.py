@@ -85,6 +85,7 @@ from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
 from . import errorlog, stragglers
+from .child_appcontext import fork_g, forked_g, unfork_g
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
     BODY_MODES,
@@ -101,7 +102,7 @@ from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
 from .scope import ENVIRON_SCOPE, Scope
 
-__all__ = ["GeventContext", "DEFAULTS"]
+__all__ = ["GeventContext", "DEFAULTS", "fork_g", "unfork_g", "forked_g"]
 
 _get_ident = get_original("_thread", "get_ident")
 

@@ -14,6 +14,18 @@ registered a hand-off pays one test of an empty list. A fork that raises is
 logged and the child starts anyway (sharing what that fork would have
 forked).
 
+A fork may return an *end*: a callable ``end(error)`` the hand-off runs in
+the child itself when the child ends — in its greenlet or thread, after its
+function returned or raised and before its result is reported, with what it
+raised (``None`` if it returned; the kill's exception if it was killed) —
+once; for a child that never ran (killed before it started, an executor
+task cancelled while queued), in a greenlet of its own, in the child's
+Context, when the hand-off is dropped. A child with no end runs its
+function with no wrapper frame; one with ends runs it inside one. An end
+that raises is logged with the child's spawn site and does not change the
+child's result. (The Flask adapter's fork returns the end that tears down
+the child's own app context: DESIGN G3, G4.)
+
 .. code-block:: python
 
     from geventctx import forks
@@ -21,6 +33,9 @@ forked).
     @forks.register
     def fork_baggage():
         baggage.set(dict(baggage.get()))   # the child changes its own copy
+
+.. versionchanged:: 0.2
+    A fork may return an end, run at the child's end.
 
 .. versionadded:: 0.2
 """
@@ -31,11 +46,13 @@ import logging
 import typing as t
 from contextvars import Context, copy_context
 
-__all__ = ["register", "unregister", "registered", "snapshot"]
+__all__ = ["register", "unregister", "registered", "snapshot", "handoff_context", "End"]
 
 log = logging.getLogger("geventctx")
 
-Fork = t.Callable[[], None]
+#: What a fork may return: run once at the child's end, with what it raised.
+End = t.Callable[[t.Optional[BaseException]], None]
+Fork = t.Callable[[], t.Optional[End]]
 
 #: The registered forks, in registration order (read on every hand-off).
 _forks: list[Fork] = []
@@ -60,18 +77,34 @@ def registered() -> list[Fork]:
     return list(_forks)
 
 
-def run_forks() -> None:
-    """Run every fork in the current Context (a child's snapshot)."""
+def run_forks() -> list[End] | None:
+    """Run every fork in the current Context (a child's snapshot); the ends
+    they returned, in registration order, or ``None`` if none did."""
+    ends: list[End] | None = None
     for fork in list(_forks):
         try:
-            fork()
+            end = fork()
         except Exception:
             log.exception("the hand-off fork %r failed; the child shares what it would fork", fork)
+            continue
+        if end is not None:
+            if ends is None:
+                ends = [end]
+            else:
+                ends.append(end)
+    return ends
+
+
+def handoff_context() -> tuple[Context, list[End] | None]:
+    """A child's Context (a copy of the current one, with every fork run in
+    it) and the ends the forks returned (``None``: nothing to run at the end)."""
+    context = copy_context()
+    if _forks:
+        return context, context.run(run_forks)
+    return context, None
 
 
 def snapshot() -> Context:
-    """A child's Context: a copy of the current one, with every fork run in it."""
-    context = copy_context()
-    if _forks:
-        context.run(run_forks)
-    return context
+    """A child's Context: a copy of the current one, with every fork run in
+    it, for a hand-off that runs no ends (what they returned is dropped)."""
+    return handoff_context()[0]

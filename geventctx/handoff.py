@@ -5,7 +5,11 @@ takes :func:`contextvars.copy_context` (O(1)) in the spawner when the child
 is started and sets it as the child's ``gr_context`` before it first runs, so
 the child sees every context variable of its spawner as of that moment and
 nothing it sets reaches anyone else. No wrapper function, no extra frame, no
-Flask context pushed or popped in the child.
+Flask context pushed or popped in the child — but one: a child whose
+snapshot a fork gave an end (the Flask adapter's: the child's own app
+context, to tear down) runs its function inside :class:`Ending`, which runs
+the ends in the child when the function returned or raised, before gevent
+reports the result (:mod:`geventctx.forks` states the rule).
 
 Inside a request scope the child also *holds* the scope until it ends, so the
 request's teardown waits for it; and it is listed in :mod:`geventctx.registry`
@@ -30,9 +34,9 @@ from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import Site, format_site, site_of
 from .errors import LateEffectWarning
-from .forks import _forks
+from .forks import End, _forks
+from .forks import handoff_context as _handoff_context
 from .forks import run_forks as _run_forks
-from .forks import snapshot as _snapshot
 from .scope import _SCOPE, Scope
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
@@ -111,20 +115,29 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     if site is None:
         site = helper_site()
-    bind(child, _snapshot(), pin_current_scope(site), site, function)
+    context, ends = _handoff_context()
+    bind(child, context, pin_current_scope(site), site, function, ends)
 
 
-def bind(child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None) -> None:
+def bind(
+    child: t.Any, context: Context, scope: Scope | None, site: Site | None, function: t.Any = None,
+    ends: list[End] | None = None,
+) -> None:
     """Register ``child`` as a hand-off running in ``context``.
 
     For work whose context and scope hold were taken earlier (an executor
     task taken at ``submit``): ``scope`` must already be acquired for the
     child; the hold is released when the child ends. ``child`` is a gevent
     greenlet (its ``gr_context`` is set) or any object with ``rawlink``
-    (a thread task's ``AsyncResult``).
+    (a thread task's ``AsyncResult``). ``ends`` (what the forks returned
+    for ``context``) run at the end of a gevent greenlet ``child``'s run.
     """
     if isinstance(child, greenlet):
         child.gr_context = context
+        if ends is not None:
+            child._run = Ending(child._run, ends, context, site)
+            if not isinstance(child, Greenlet):
+                child.rawlink(_end_if_never_ran)
         if scope is None:
             _note_thread_child(child)
     if isinstance(child, Greenlet):
@@ -151,9 +164,12 @@ def _finished(child: gevent.Greenlet) -> None:
         scope = child._geventctx_scope
         if scope is None:
             _unscoped.pop(id(child), None)
+            _end_if_never_ran(child)
         else:
             scope.children.pop(id(child), None)
-            scope.release()
+            # One that never ran holds the request until its ends ran.
+            if not _end_if_never_ran(child, scope.release):
+                scope.release()
         return
     entry = _pop(id(child), None)
     if entry is not None:
@@ -167,6 +183,112 @@ def _finished(child: gevent.Greenlet) -> None:
         if scope is not None:
             scope.children.pop(id(child), None)
             scope.release()
+
+
+class Ending:
+    """A child's function with the ends of its hand-off (:mod:`geventctx.forks`).
+
+    The rule: the ends run once, in the child, right after the function
+    returned or raised (a kill included) and before gevent reports its
+    result, so whoever joins the child finds them done; with what it raised
+    (``None`` if it returned). An end that raises ``Exception`` is logged
+    with the child's spawn site and leaves the result alone; a
+    ``BaseException`` (a kill meanwhile) lets the other ends run, then is
+    raised. A child that never ran has its ends run by
+    :func:`_end_if_never_ran`.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("function", "ends", "context", "site")
+
+    def __init__(self, function: t.Callable[..., t.Any], ends: list[End], context: Context, site: t.Any) -> None:
+        self.function = function
+        self.ends: list[End] | None = ends
+        self.context = context
+        self.site = site
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        ends, self.ends = self.ends, None
+        try:
+            result = self.function(*args, **kwargs)
+        except BaseException as error:
+            if ends is not None:
+                run_ends(ends, error, self.site)
+            raise
+        if ends is not None:
+            run_ends(ends, None, self.site)
+        return result
+
+    def __getattr__(self, name: str) -> t.Any:
+        # gevent's repr and others read the function's __name__, __self__.
+        return getattr(self.function, name)
+
+
+def run_ends(ends: list[End], error: BaseException | None, site: t.Any) -> None:
+    """Run each end once with ``error``; then raise the first BaseException
+    one raised (an ``Exception`` is logged with the spawn site ``site``,
+    :data:`registry.LAZY_SITE` for the running greenlet's own)."""
+    failure: BaseException | None = None
+    for end in ends:
+        try:
+            end(error)
+        except Exception:
+            if site is _LAZY_SITE:
+                site = registry.site_of_child(getcurrent())
+            scope = _SCOPE.get()
+            errorlog.log.exception(
+                "the end of the hand-off started at %s%s failed; the child's result stands",
+                format_site(site),
+                f" in {scope.label}" if scope is not None and scope.label else "",
+            )
+        except BaseException as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+def _end_if_never_ran(child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
+    """For a dead ``child`` whose ends never ran (killed before it started):
+    run them in a greenlet of their own, in the child's Context, with its
+    exception, then ``then()``. True if it did (``then`` is called later)."""
+    ending = getattr(child, "_run", None)
+    if not isinstance(ending, Ending) or ending.ends is None:
+        return False
+    ends, ending.ends = ending.ends, None
+    error = child.exception if isinstance(child, gevent.Greenlet) else None
+    end_elsewhere(ends, error, ending.context, ending.site, then)
+    return True
+
+
+def end_now_if_never_ran(child: t.Any) -> None:
+    """Run the ends of ``child``, which never ran, here and now in its
+    Context: for a child stranded in a hub that will not run again."""
+    ending = getattr(child, "_run", None)
+    if isinstance(ending, Ending) and ending.ends is not None:
+        ends, ending.ends = ending.ends, None
+        error = child.exception if isinstance(child, gevent.Greenlet) else None
+        ending.context.run(run_ends, ends, error, ending.site)
+
+
+def end_elsewhere(
+    ends: list[End], error: BaseException | None, context: Context, site: t.Any,
+    then: t.Callable[[], t.Any] | None = None,
+) -> None:
+    """Run ``ends`` of a hand-off that never ran in a greenlet of their own,
+    in its Context ``context``, then ``then()`` (never in the hub, nor in
+    the greenlet that killed or cancelled it)."""
+
+    def run() -> None:
+        try:
+            run_ends(ends, error, site)
+        finally:
+            if then is not None:
+                then()
+
+    ender = gevent.Greenlet(run)
+    ender.gr_context = context
+    _base_start(ender)
 
 
 class Greenlet(gevent.Greenlet):
@@ -295,10 +417,12 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         _late(current, registry.site_of_child(child))
         scope = None
         _unscoped[id(child)] = _ref(child)
-    # forks.snapshot(), inlined (P1: a call less per spawn).
+    # forks.handoff_context(), inlined (P1: a call less per spawn).
     context = copy_context()
     if _forks:
-        context.run(_run_forks)
+        ends = context.run(_run_forks)
+        if ends is not None:
+            child._run = Ending(function, ends, context, child._geventctx_site)
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function
@@ -322,7 +446,8 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
     hand_over_class(child)
-    bind(child, _snapshot(), pin_current_scope(site), site, function)
+    context, ends = _handoff_context()
+    bind(child, context, pin_current_scope(site), site, function, ends)
     _base_start(child)
     return child
 

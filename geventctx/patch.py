@@ -7,7 +7,10 @@ has a context. It works through gevent's documented
 :meth:`gevent.Greenlet.add_spawn_callback` hook.
 
 This is visibility only: a patched plain spawn does not hold the request
-scope, so the request may be torn down while it still runs. Use
+scope, so the request may be torn down while it still runs. What the
+registered forks give a child is given to it too — in a Flask app context,
+an app context of its own, torn down at its end (G3, G4) — so code written
+for ``copy_current_request_context`` behaves the same with the patch on. Use
 :func:`geventctx.spawn` (or the pools) for work that uses the request.
 
 The rule for the hub: a greenlet started from the hub itself — a server's
@@ -43,7 +46,8 @@ from gevent.hub import Hub
 from gevent.monkey import get_original
 from greenlet import getcurrent
 
-from .forks import snapshot
+from .forks import handoff_context
+from .handoff import Ending, _end_if_never_ran
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -58,8 +62,17 @@ _registered = False
 
 def _inherit(child: gevent.Greenlet) -> None:
     if _patched and child.gr_context is None:
-        # From the hub: an empty context, never the hub's own.
-        child.gr_context = Context() if isinstance(getcurrent(), Hub) else snapshot()
+        if isinstance(getcurrent(), Hub):
+            # From the hub: an empty context, never the hub's own.
+            child.gr_context = Context()
+            return
+        context, ends = handoff_context()
+        child.gr_context = context
+        if ends is not None:
+            # What a fork gave the child (its own Flask app context) ends
+            # with it, as for any hand-off (geventctx.forks).
+            child._run = Ending(child._run, ends, context, None)
+            child.rawlink(_end_if_never_ran)
 
 
 def patch() -> None:

@@ -2,7 +2,10 @@
 
 The rule: a task runs exactly as under gevent's own ThreadPool — in the
 worker thread's gevent worker greenlet, the callable itself handed to
-gevent's per-task hooks (profile, trace) — except that for the task's
+gevent's per-task hooks (profile, trace), unless a fork gave the task an
+end (in a Flask app context: its own app context, torn down in the worker
+thread before the result is reported), then inside :class:`~geventctx.handoff.Ending`
+— except that for the task's
 duration the worker greenlet runs in a fresh copy of the context of the call
 that submitted it (``copy_context()`` at ``spawn``), restored afterwards. So
 the task sees the request (``request``, ``g``, ``session``) and every
@@ -36,8 +39,8 @@ from gevent.event import AsyncResult
 from greenlet import getcurrent, greenlet
 
 from . import registry
-from .forks import snapshot
-from .handoff import _finished, caller_site, pin_current_scope
+from .forks import handoff_context
+from .handoff import Ending, _finished, caller_site, end_now_if_never_ran, pin_current_scope
 from .pool import _ContextMappingMixin
 from .registry import _live
 
@@ -120,6 +123,8 @@ def _stranded(func: t.Any, children: list[t.Any]) -> None:
         )
         if not greenlet.__bool__(child):  # never switched to: cancel its start
             child.kill(block=False)
+            # Its ends (its own app context) run here and now: this hub does not run.
+            end_now_if_never_ran(child)
         # Its end link would run in this thread's hub, which does not run:
         # the record goes now (it was reported).
         _finished(child)
@@ -144,8 +149,13 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
-        context = snapshot()
+        context, ends = handoff_context()
         scope = pin_current_scope(site)
+        function = func
+        if ends is not None:
+            # Its own app context (geventctx.forks), torn down in the worker
+            # thread before the task's result is reported.
+            func = Ending(func, ends, context, site)
         task_kwargs = dict(kwargs)
         task_kwargs[_CONTEXT] = context
         # The record is made before the task is queued: Python work between
@@ -163,7 +173,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # The task's context rides in the entry (after the common six): its
         # error is logged in it (errorlog.report_task), where the request's
         # logging and Sentry state live.
-        _live[key] = (_ref(result), parent, scope, func, site, started, context)
+        _live[key] = (_ref(result), parent, scope, function, site, started, context)
         if scope is not None:
             scope.children[key] = result
         result.rawlink(_finished)
