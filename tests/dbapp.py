@@ -12,7 +12,8 @@ its gevent-aware wait function when ``select`` is patched at import):
 
 Configured by the environment: ``DBAPP_URL`` (a SQLAlchemy URL: PostgreSQL
 through ``pg8000`` or ``psycopg``, or SQLite), ``DBAPP_POOL_SIZE`` /
-``DBAPP_MAX_OVERFLOW`` / ``DBAPP_POOL_TIMEOUT`` for every engine, and
+``DBAPP_MAX_OVERFLOW`` / ``DBAPP_POOL_TIMEOUT`` / ``DBAPP_PRE_PING`` (on
+unless ``0``) for every engine, and
 ``GEVENTCTX_PATCH=1`` for ``patch()`` (gevent's plugin event turns it on).
 The database is new and empty: the tables are made and 20 users with 4
 sections each are seeded at import. Each resource pattern has an engine (a
@@ -88,6 +89,11 @@ def engine_options(name: str) -> dict[str, t.Any]:
         "pool_size": int(os.environ.get("DBAPP_POOL_SIZE", "10")),
         "max_overflow": int(os.environ.get("DBAPP_MAX_OVERFLOW", "10")),
         "pool_timeout": float(os.environ.get("DBAPP_POOL_TIMEOUT", "10")),
+        # Flask-SQLAlchemy's docs recommend it against stale connections;
+        # it also makes every checkout a round trip (a yield to the hub),
+        # on psycopg 3 too, which otherwise serialises queries on one
+        # connection and only yields when the pool has to connect.
+        "pool_pre_ping": os.environ.get("DBAPP_PRE_PING", "1") == "1",
     }
     if not SQLITE:
         options["connect_args"] = {"application_name": name}

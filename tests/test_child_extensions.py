@@ -130,3 +130,41 @@ def test_nested_hand_off_reads_through_its_parents_g_after_that_parents_teardown
         "child torn down first": True,
         "grandchild reads": ("view", "child"),
     }, seen
+
+
+def test_a_g_name_registered_for_forking_is_a_copy_in_each_child(serve: t.Any) -> None:
+    # An extension's per-context state kept in one mutable object in g:
+    # registered with fork_g, each child changes a copy of its own, the
+    # view's object stays as it was.
+    from types import SimpleNamespace
+
+    from geventctx.flask import fork_g, unfork_g
+
+    app = Flask("forked")
+    GeventContext(app)
+
+    def child(name: str) -> list[str]:
+        seen = []
+        g.cart.owner = name
+        for _ in range(3):  # the siblings set theirs in between
+            gevent.sleep(0.005)
+            seen.append(g.cart.owner)
+        return seen
+
+    @app.get("/")
+    def view() -> t.Any:
+        g.cart = SimpleNamespace(owner="view")
+        names = ["a", "b", "c", "d"]
+        seen = geventctx.Pool(4).map(child, names)
+        return jsonify(children=dict(zip(names, seen, strict=True)), view=g.cart.owner)
+
+    fork_g("cart")
+    try:
+        response = serve(app).request("GET", "/")
+    finally:
+        unfork_g("cart")
+    assert response.status == 200, response.body
+    assert response.json() == {
+        "children": {name: [name] * 3 for name in "abcd"},
+        "view": "view",
+    }, response.json()

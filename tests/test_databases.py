@@ -172,7 +172,7 @@ def start_dbapp(
         database = postgres.create_database("dbapp")
         url = postgres.url(database, driver)
     argv = argv or [sys.executable, "tests/dbserver.py"]
-    pythonpath = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), "tests"]))
+    pythonpath = os.pathsep.join(["tests", "."])  # cwd is the checkout: its geventctx
     proc = start(argv, DBAPP_URL=url, PYTHONPATH=pythonpath, **env)
     return DbApp(proc, driver, postgres if driver != "sqlite" else None, database)
 
