@@ -22,7 +22,10 @@ import gevent.threadpool
 from common import Row
 
 import geventctx
+from geventctx import _flask_compat
 from geventctx.flask import GeventContext
+
+_cv_app = _flask_compat._cv_app
 
 TITLE = "spawn+join inside a Flask request (P1, P2)"
 
@@ -88,12 +91,44 @@ def geventctx_no_scope(n: int) -> int:
 
 
 def geventctx_in_scope(n: int) -> int:
-    """``geventctx.spawn(f).join()`` in the request GeventContext manages."""
+    """``geventctx.spawn(f).join()`` in the request GeventContext manages,
+    the hand-off alone: Flask's app context hidden, so no child gets one of
+    its own (that is the next two rows)."""
+    token = _cv_app.set(None)
+    try:
+        return _app_context_spawn_join(n)
+    finally:
+        _cv_app.reset(token)
+
+
+def _app_context_spawn_join(n: int) -> int:
     scope = geventctx.current_scope()
     assert scope is not None and scope.holders == 1, scope
     elapsed = _spawn_join(n)
     assert scope.holders == 1, scope  # every child released the scope
     return elapsed
+
+
+def own_app_context(n: int) -> int:
+    """The same, each child in an app context of its own (G3); the app has
+    no teardown function, so none runs at the child's end."""
+    return _app_context_spawn_join(n)
+
+
+def own_app_context_torn_down(n: int) -> int:
+    """The same, with one ``teardown_appcontext`` function (as
+    Flask-SQLAlchemy registers): each child's context is torn down at its end."""
+    app = flask.current_app._get_current_object()
+    app.teardown_appcontext_funcs.append(_teardown)
+    try:
+        return _app_context_spawn_join(n)
+    finally:
+        app.teardown_appcontext_funcs.remove(_teardown)
+
+
+def _teardown(exc: BaseException | None) -> None:
+    """A teardown function that does as little as Flask-SQLAlchemy's when
+    the child used no session."""
 
 
 def patched_bare(n: int) -> int:
@@ -146,6 +181,8 @@ VARIANTS: dict[str, Batch] = {
     "Greenlet + gr_context=copy_context()": raw_context,
     "copy_current_request_context + spawn": flask_copy,
     "geventctx.spawn (GeventContext request)": geventctx_in_scope,
+    "+ child's own app context": own_app_context,
+    "+ own app context, torn down": own_app_context_torn_down,
     "geventctx.spawn (no scope)": geventctx_no_scope,
     "gevent.spawn under patch()": patched_bare,
     "geventctx.Executor submit+result": executor,
@@ -213,6 +250,12 @@ def run(quick: bool) -> list[Row]:
             rows[i] = row._replace(
                 budget=f"P1 <=1.10x floor: {vs_floor:.3f}x, <=1 µs over: {over:+.2f}, <=0.4x ccrc: {vs_ccrc:.3f}x",
                 ok=vs_floor <= 1.10 and over <= 1.0 and vs_ccrc <= 0.4,
+            )
+        elif row.name in ("+ child's own app context", "+ own app context, torn down"):
+            hand_off = med["geventctx.spawn (GeventContext request)"]
+            rows[i] = row._replace(
+                budget=f"P1 app context <=2 µs over the hand-off: {row.value - hand_off:+.2f}",
+                ok=row.value - hand_off <= 2.0,
             )
         elif row.name == "gevent.spawn under patch()":
             rows[i] = row._replace(budget="P2 <=1.05x bare", ok=row.value <= 1.05 * base)

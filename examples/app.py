@@ -55,7 +55,9 @@ def create_app() -> Flask:
 
     @app.teardown_appcontext
     def teardown_appcontext(exc: BaseException | None) -> None:
-        record("teardown_appcontext", None)
+        # Also for each child's own app context, at the child's end, with
+        # only what that child set in g (a child never closes the view's).
+        record("teardown_appcontext" if "user" in g else "child's teardown_appcontext", None)
 
     @app.post("/upload")
     def upload() -> t.Any:

@@ -125,7 +125,9 @@ def section_flask() -> None:
               sum(c["user"] == "alice" and c["request_id"] == "req-7" for c in children), 3)
         check("distinct body digests (parent, 3 children, client)",
               sorted({c["sha256"] for c in children} | {json.loads(body)["sha256"], sent}), [sent])
-        order = [what for _, _, what, _ in events if what != "child"]
+        check("children's own app contexts torn down",
+              sum(what == "child's teardown_appcontext" for _, _, what, _ in events), 3)
+        order = [what for _, _, what, _ in events if what not in ("child", "child's teardown_appcontext")]
         check("teardown order", order, ["view returns", "teardown_request", "teardown_appcontext"])
         last_child = max(when for when, _, what, _ in events if what == "child")
         teardown = next(when for when, _, what, _ in events if what == "teardown_request")

@@ -10,12 +10,13 @@
 With the extension, a child handed a request's context (``geventctx.spawn``,
 the pools, the executor):
 
-- sees the parent's ``request``, ``session``, ``g`` and ``current_app``
-  objects, not copies (G3);
-- delays ``teardown_request``, ``request.close()`` and
-  ``teardown_appcontext`` until it ends; they run once, in Flask's order,
-  with the view's exception, seeing ``request`` and ``g`` (G4). The response
-  is not delayed;
+- sees the parent's ``request``, ``session`` and ``current_app`` objects,
+  not copies, in an app context of its own whose ``g`` reads through to
+  the view's (G3; :mod:`geventctx.child_appcontext` states the rule);
+- has its own app context torn down when it ends, and delays the request's
+  ``teardown_request``, ``request.close()`` and ``teardown_appcontext``
+  until it ends; they run once, in Flask's order, with the view's
+  exception, seeing ``request`` and ``g`` (G4). The response is not delayed;
 - reads the same body as everyone else (G5), and is warned when it changes
   the session, or calls ``after_this_request``, too late (G6, G7);
 - has its exception logged once with the request and spawn site (G11).

@@ -135,9 +135,11 @@ def bind(
     if isinstance(child, greenlet):
         child.gr_context = context
         if ends is not None:
-            child._run = Ending(child._run, ends, context, site)
-            if not isinstance(child, Greenlet):
-                child.rawlink(_end_if_never_ran)
+            ending = child._run = Ending(child._run, ends, context, site)
+            if isinstance(child, Greenlet):
+                child._geventctx_ending = ending  # _finished looks
+            else:
+                child.rawlink(ending.never_ran)
         if scope is None:
             _note_thread_child(child)
     if isinstance(child, Greenlet):
@@ -162,13 +164,17 @@ def _finished(child: gevent.Greenlet) -> None:
         # A geventctx greenlet: its record is its slots.
         child._geventctx_started = None
         scope = child._geventctx_scope
+        ending = getattr(child, "_geventctx_ending", None)
+        if ending is not None:
+            child._geventctx_ending = None
         if scope is None:
             _unscoped.pop(id(child), None)
-            _end_if_never_ran(child)
+            if ending is not None:
+                ending.never_ran(child)
         else:
             scope.children.pop(id(child), None)
             # One that never ran holds the request until its ends ran.
-            if not _end_if_never_ran(child, scope.release):
+            if ending is None or not ending.never_ran(child, scope.release):
                 scope.release()
         return
     entry = _pop(id(child), None)
@@ -194,8 +200,9 @@ class Ending:
     (``None`` if it returned). An end that raises ``Exception`` is logged
     with the child's spawn site and leaves the result alone; a
     ``BaseException`` (a kill meanwhile) lets the other ends run, then is
-    raised. A child that never ran has its ends run by
-    :func:`_end_if_never_ran`.
+    raised. A child that never ran has its ends run by :meth:`never_ran`
+    (gevent frees ``_run`` of a greenlet killed before it started: the
+    Ending is kept in the greenlet's record, or linked to a plain one).
 
     .. versionadded:: 0.2
     """
@@ -220,9 +227,35 @@ class Ending:
             run_ends(ends, None, self.site)
         return result
 
+    def never_ran(self, child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
+        """``child`` is dead: if its ends never ran (it was killed before it
+        started), run them in a greenlet of their own, in its Context, with
+        its exception, then ``then()``. True if it did (``then`` comes later)."""
+        ends, self.ends = self.ends, None
+        if ends is None:
+            return False
+        end_elsewhere(ends, _kill_of(child), self.context, self.site, then)
+        return True
+
+    def end_now(self, child: t.Any) -> None:
+        """Like :meth:`never_ran`, here and now: for a child stranded in a
+        hub that will not run again."""
+        ends, self.ends = self.ends, None
+        if ends is not None:
+            self.context.run(run_ends, ends, _kill_of(child), self.site)
+
     def __getattr__(self, name: str) -> t.Any:
         # gevent's repr and others read the function's __name__, __self__.
         return getattr(self.function, name)
+
+
+def _kill_of(child: t.Any) -> BaseException | None:
+    # What killed a greenlet before it started: gevent keeps a GreenletExit
+    # as its value (a "successful" end), any other exception as its error.
+    error = child.exception
+    if error is None and isinstance(child.value, BaseException):
+        error = child.value
+    return t.cast("BaseException | None", error)
 
 
 def run_ends(ends: list[End], error: BaseException | None, site: t.Any) -> None:
@@ -248,27 +281,12 @@ def run_ends(ends: list[End], error: BaseException | None, site: t.Any) -> None:
         raise failure
 
 
-def _end_if_never_ran(child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
-    """For a dead ``child`` whose ends never ran (killed before it started):
-    run them in a greenlet of their own, in the child's Context, with its
-    exception, then ``then()``. True if it did (``then`` is called later)."""
-    ending = getattr(child, "_run", None)
-    if not isinstance(ending, Ending) or ending.ends is None:
-        return False
-    ends, ending.ends = ending.ends, None
-    error = child.exception if isinstance(child, gevent.Greenlet) else None
-    end_elsewhere(ends, error, ending.context, ending.site, then)
-    return True
-
-
 def end_now_if_never_ran(child: t.Any) -> None:
-    """Run the ends of ``child``, which never ran, here and now in its
-    Context: for a child stranded in a hub that will not run again."""
-    ending = getattr(child, "_run", None)
-    if isinstance(ending, Ending) and ending.ends is not None:
-        ends, ending.ends = ending.ends, None
-        error = child.exception if isinstance(child, gevent.Greenlet) else None
-        ending.context.run(run_ends, ends, error, ending.site)
+    """Run the ends of the geventctx greenlet ``child``, which never ran,
+    here and now in its Context (see :meth:`Ending.end_now`)."""
+    ending = getattr(child, "_geventctx_ending", None)
+    if ending is not None:
+        ending.end_now(child)
 
 
 def end_elsewhere(
@@ -306,7 +324,9 @@ class Greenlet(gevent.Greenlet):
     # site (or registry.LAZY_SITE: read from gevent's spawning_stack when
     # asked) and start time, None once it ended.
     # Set (to a time, or None once ended) exactly when it was handed off.
-    __slots__ = ("_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started")
+    __slots__ = (
+        "_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started", "_geventctx_ending",
+    )
 
     def _attach_once(self) -> None:
         if not hasattr(self, "_geventctx_started"):
@@ -422,7 +442,7 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     if _forks:
         ends = context.run(_run_forks)
         if ends is not None:
-            child._run = Ending(function, ends, context, child._geventctx_site)
+            child._run = child._geventctx_ending = Ending(function, ends, context, child._geventctx_site)
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function

@@ -47,7 +47,7 @@ from gevent.monkey import get_original
 from greenlet import getcurrent
 
 from .forks import handoff_context
-from .handoff import Ending, _end_if_never_ran
+from .handoff import Ending
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -71,8 +71,8 @@ def _inherit(child: gevent.Greenlet) -> None:
         if ends is not None:
             # What a fork gave the child (its own Flask app context) ends
             # with it, as for any hand-off (geventctx.forks).
-            child._run = Ending(child._run, ends, context, None)
-            child.rawlink(_end_if_never_ran)
+            ending = child._run = Ending(child._run, ends, context, None)
+            child.rawlink(ending.never_ran)
 
 
 def patch() -> None:

@@ -63,6 +63,8 @@ class Lifecycle:
         self.events: list[str] = []
         self.teardown_request: list[dict] = []
         self.teardown_appcontext: list[dict] = []
+        #: The teardowns of the children's own app contexts (G4), apart.
+        self.child_teardowns: list[dict] = []
         self.closed: list[dict] = []
         events = self.events
         closed = self.closed
@@ -85,8 +87,18 @@ class Lifecycle:
             events.append("teardown_request")
             self.teardown_request.append({"exc": exc, "path": request.path, "g": g.get("marker")})
 
+        @flask.appcontext_pushed.connect_via(app)
+        def _pushed(sender, **_):
+            g._lifecycle_pushed = True  # a child's own context is never pushed
+
+        self._pushed = _pushed  # blinker holds receivers weakly
+
         @app.teardown_appcontext
         def _teardown_appcontext(exc):
+            if g.pop("_lifecycle_pushed", None) is None:
+                events.append("child teardown_appcontext")
+                self.child_teardowns.append({"exc": exc, "g": g.get("marker")})
+                return
             events.append("teardown_appcontext")
             self.teardown_appcontext.append({"exc": exc, "g": g.get("marker")})
 
@@ -159,8 +171,13 @@ def test_child_sees_the_parents_very_objects_and_url_for(serve, gates):
     assert view["url"] == "/items/7"
     for name in ("early", "late"):
         child = seen[name]
-        for key in ("request", "session", "g", "app", "request_ctx", "app_ctx", "marker"):
+        for key in ("request", "session", "app", "marker"):
             assert child[key] is view[key], (name, key)
+        if not compat.MERGED:
+            assert child["request_ctx"] is view["request_ctx"], name
+        # An app context and a g of its own (G3), reading through to the view's.
+        assert child["app_ctx"] is not view["app_ctx"] and child["g"] is not view["g"], name
+        assert child["app_ctx"].app is app and child["app_ctx"].url_adapter is view["app_ctx"].url_adapter
         assert child["app"] is app
         assert child["url"] == view["url"] and child["external"] == view["external"]
         assert child["user"] == "alice"

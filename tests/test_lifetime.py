@@ -50,8 +50,17 @@ class App:
         def teardown_request(exc: BaseException | None) -> None:
             events.append("teardown_request")
 
+        @flask.appcontext_pushed.connect_via(self.app)
+        def pushed(sender: t.Any, **_: t.Any) -> None:
+            g._lifetime_pushed = True  # a child's own app context is never pushed
+
+        self._pushed = pushed  # blinker holds receivers weakly
+
         @self.app.teardown_appcontext
         def teardown_appcontext(exc: BaseException | None) -> None:
+            if g.pop("_lifetime_pushed", None) is None:
+                events.append("child teardown_appcontext")  # G4: apart from the request's
+                return
             events.append("teardown_appcontext")
             resource = g.get("resource")  # None in an app context of Flask's own
             if resource is not None:
@@ -91,7 +100,7 @@ def test_child_spawned_in_a_stream_with_context_generator_holds_the_request(serv
     wait_for(lambda: life.teardowns() == 1, 5, "teardown after the streamed child")
     settle()
     assert life.seen["streamed"] == "open"
-    assert life.events == ["streamed-end", "teardown_request", "teardown_appcontext"]
+    assert life.events == ["streamed-end", "child teardown_appcontext", "teardown_request", "teardown_appcontext"]
 
 
 def test_stream_with_context_without_children_tears_down_once(serve: t.Any) -> None:
@@ -299,7 +308,8 @@ def test_preserving_test_client_runs_teardown_after_the_child_then_flasks_repeat
     wait_for(lambda: life.events.count("teardown_request") == 2, 5, "the teardown, then its repeat")
     kid = life.events.index("kid-end")
     assert "teardown_request" not in life.events[:kid]
-    assert life.events[kid + 1 : kid + 3] == ["teardown_request", "teardown_appcontext"]  # the request's own
+    # The kid's own app context right at its end (G4), then the request's own.
+    assert life.events[kid + 1 : kid + 4] == ["child teardown_appcontext", "teardown_request", "teardown_appcontext"]
 
 
 def test_child_spawned_by_teardown_appcontext_holds_the_response_close(serve: t.Any) -> None:

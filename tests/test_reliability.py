@@ -247,6 +247,7 @@ class IsolationProbe:
     teardown_appcontext: collections.Counter = field(default_factory=collections.Counter)
     children: dict = field(default_factory=dict)
     ended_after_response: int = 0
+    child_teardowns: int = 0
 
 
 def isolation_app(probe: IsolationProbe, rng: random.Random) -> Flask:
@@ -263,7 +264,8 @@ def isolation_app(probe: IsolationProbe, rng: random.Random) -> Flask:
             "session": session.get("user"),
             "contextvar": USER.get(),
             "request": request._get_current_object() is req,
-            "g": g._get_current_object() is g_obj,
+            # Its own g (G3), reading through to the view's: g.user above.
+            "g": g._get_current_object() is not g_obj,
             "scope": geventctx.current_scope() is scope,
         }
         wanted = {
@@ -307,7 +309,13 @@ def isolation_app(probe: IsolationProbe, rng: random.Random) -> Flask:
 
     @app.teardown_appcontext
     def teardown_appcontext(exc: BaseException | None) -> None:
-        probe.teardown_appcontext[g.get("user")] += 1
+        # A child's own app context is torn down too, with only its own
+        # names in g (G4): counted apart from the request's.
+        user = g.get("user")
+        if user is None:
+            probe.child_teardowns += 1
+        else:
+            probe.teardown_appcontext[user] += 1
 
     @app.route("/me")
     def me() -> str:
@@ -395,6 +403,7 @@ def run_isolation(serve: t.Any, connections: int, keepalive_share: float, name: 
     assert set(probe.looks) == set(users) and set(probe.looks.values()) == {3 * 5 + 6}
     assert probe.teardown_request == {u: 1 for u in users}
     assert probe.teardown_appcontext == {u: 1 for u in users}
+    assert probe.child_teardowns == 4 * len(users)  # each child's own app context, once
     assert probe.ended_after_response > 0  # teardown really had to wait for children
     assert not registry.live()
 
@@ -693,7 +702,10 @@ class FaultHarness:
 
         @app.teardown_appcontext
         def teardown_appcontext(exc: BaseException | None) -> None:
-            req = self.reqs[g.rid]
+            rid = g.get("rid")
+            if rid is None:
+                return  # a child's own app context (G4): only its own names in g
+            req = self.reqs[rid]
             req.teardown_appcontext.append(exc)
             self.check_children_done(req, "teardown_appcontext")
 

@@ -548,7 +548,10 @@ def test_a_hand_off_made_in_a_thread_task_runs_on_the_requests_hub_and_holds_it(
 
     @app.teardown_appcontext
     def teardown(exc: BaseException | None) -> None:
-        events.append(("teardown", g.get("marker")))
+        if "marker" in g:
+            events.append(("teardown", g.marker))
+        else:  # a hand-off's own app context (G4), in its own thread
+            events.append(("child teardown", threading.get_ident() == HUB_THREAD))
 
     def grandchild() -> None:
         release.wait(WAIT)
@@ -574,10 +577,10 @@ def test_a_hand_off_made_in_a_thread_task_runs_on_the_requests_hub_and_holds_it(
     response = serve(app).request("GET", "/nested")
     assert response.status == 200 and response.body == b"handed over"
     settle()
-    assert events == []  # the grandchild holds the request
+    assert events == [("child teardown", False)]  # the task's, in its worker; the grandchild holds the request
     release.set()
-    wait_for(lambda: len(events) == 2, WAIT, "the grandchild, then teardown")
-    assert events == [("grandchild", "view-g", True), ("teardown", "view-g")]
+    wait_for(lambda: len(events) == 4, WAIT, "the grandchild, then teardown")
+    assert events[1:] == [("grandchild", "view-g", True), ("child teardown", True), ("teardown", "view-g")]
 
 
 def test_a_child_spawned_in_a_task_outside_a_request_that_cannot_run_is_reported_and_cancelled(pools, caplog):
@@ -605,10 +608,12 @@ def test_a_hand_off_a_thread_task_cannot_hand_over_never_changes_the_scope_from_
     GeventContext(app)
     pool = pools(1)
     events: list[str] = []
-    app.teardown_appcontext(lambda exc: events.append("teardown"))
+    app.teardown_appcontext(lambda exc: events.append("teardown" if "view" in g else "child teardown"))
 
     @app.get("/later")
     def later() -> str:
+        g.view = True
+
         def task() -> str:
             geventctx.spawn_later(0.01, events.append, "later ran")
             return "ok"
@@ -617,10 +622,14 @@ def test_a_hand_off_a_thread_task_cannot_hand_over_never_changes_the_scope_from_
 
     with caplog.at_level(logging.ERROR, logger="geventctx"):
         assert serve(app).request("GET", "/later").body == b"ok"
-        wait_for(lambda: events == ["teardown"], WAIT, "teardown")
+        wait_for(lambda: "teardown" in events, WAIT, "teardown")
         # The worker reports it after the task's result was sent: wait.
         wait_for(lambda: any("cancelled before it ran" in r.getMessage() for r in caplog.records), WAIT, "report")
     assert registry.live() == [] and geventctx.Scope.all_open() == []
+    # The task's own app context and the stranded child's, each torn down once
+    # in the worker thread (the child's although it never ran: G4).
+    wait_for(lambda: events.count("child teardown") == 2, WAIT, "the hand-offs' own teardowns")
+    assert events.count("teardown") == 1 and "later ran" not in events
 
 
 def test_a_thread_task_joins_the_child_it_handed_over(serve, pools):
