@@ -424,11 +424,12 @@ def whoami() -> t.Any:
 def ccrc_map(uid: int) -> t.Any:
     user = db.session.get(User, uid)
 
-    @copy_current_request_context
     def title(sid: int) -> dict[str, t.Any]:
         return {"title": fsa_title(sid), "session": id(db.session())}
 
-    children = [gevent.spawn(title, section_id(uid, k)) for k in range(SECTIONS)]
+    # One copy per child: a copied request context pushed by two greenlets
+    # at once pops the other's token (Flask's own limit).
+    children = [gevent.spawn(copy_current_request_context(title), section_id(uid, k)) for k in range(SECTIONS)]
     gevent.joinall(children, raise_error=True)
     seen = [child.value for child in children]
     return jsonify(
