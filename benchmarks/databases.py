@@ -28,7 +28,9 @@ Each answer is ``user<uid>|<4 section titles>`` and is checked by the load
 generator (another process, this file's ``load``: 20 keep-alive gevent
 connections sharing 200 requests); a wrong answer or a non-200 is an
 error. Each round runs both variants, in alternating order; a variant's
-figure is the median of its rounds. After the rounds: every audit row is
+figure is the median of its rounds (the note adds the median of the
+per-round ratios, and the server's CPU time per request, which the
+database's own CPU use on a shared machine does not blur). After the rounds: every audit row is
 in the database with its own user (0 lost writes), and no connection is
 checked out of either pool (0 connections left).
 """
@@ -163,7 +165,10 @@ def make_apps(url: str) -> dict[str, t.Any]:
 
         @app.get("/_stats")
         def stats() -> t.Any:
-            return {"checked_out": db.engine.pool.checkedout(), "live": len(geventctx.registry.live())}
+            return {
+                "checked_out": db.engine.pool.checkedout(), "live": len(geventctx.registry.live()),
+                "cpu": time.process_time(),  # the server process's CPU seconds, both apps together
+            }
 
         return app
 
@@ -294,10 +299,13 @@ def run(quick: bool) -> list[Row]:
             samples: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
             for _name, app in VARIANTS:  # correctness and warm-up
                 _load(ports[app], f"warm-{app}", requests, connections)
+            cpu: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
             for i in range(rounds):
                 order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
                 for name, app in order:
+                    before = _get(ports[app], "/_stats")["cpu"]
                     samples[name].append(_load(ports[app], f"r{i}-{app}", requests, connections))
+                    cpu[name].append((_get(ports[app], "/_stats")["cpu"] - before) / requests * 1e3)
             total = (rounds + 1) * requests
             audits = _audits_settled(cluster, database, 2 * total)
             stats = {app: _get(ports[app], "/_stats") for _, app in VARIANTS}
@@ -317,7 +325,8 @@ def run(quick: bool) -> list[Row]:
         Row(BASE, med[BASE], "req/s", 1.0, note=f"{_spread(samples[BASE])}; {rounds} rounds x {requests} requests, "
             f"{connections} at once; {total} audit rows each, 0 lost, 0 wrong user, 0 connections left"),
         Row(SUBJECT, med[SUBJECT], "req/s", ratio, budget=f"P10 >={LEAST}x plain: {ratio:.3f}x", ok=ratio >= LEAST,
-            note=f"{_spread(samples[SUBJECT])}; per-round ratio median {paired:.3f}x"),
+            note=f"{_spread(samples[SUBJECT])}; per-round ratio median {paired:.3f}x; server CPU per request"
+            f" {statistics.median(cpu[SUBJECT]):.2f} ms vs {statistics.median(cpu[BASE]):.2f} ms"),
     ]
 
 
