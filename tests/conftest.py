@@ -67,3 +67,18 @@ def server() -> t.Iterator[t.Callable[..., t.Any]]:
     from processkit import servers
 
     yield from servers()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> t.Iterator[t.Any]:
+    """A private PostgreSQL cluster (pgkit: the Debian ``postgresql``
+    package's initdb/pg_ctl, a free port on 127.0.0.1, fsync off), started
+    once for the session and stopped after it; skips where initdb is missing.
+    Ask it for a database of your own: ``postgres.create_database()``."""
+    from pgkit import cluster
+
+    running = cluster()
+    try:
+        yield running
+    finally:
+        running.stop()
