@@ -219,12 +219,8 @@ class TaskGroup:
     def __exit__(self, type_: t.Any, error: BaseException | None, tb: t.Any) -> bool:
         self._state = _EXITING
         kill: BaseException | None = None
-        if error is None:
-            pass
-        elif error is self._stopping_body:
-            # Our own stop; a kill the body was handling when it came wins.
-            context = t.cast(BaseException, error).__context__
-            kill = context if isinstance(context, _KILLS) else None
+        if error is None or error is self._stopping_body:
+            pass  # (a body that caught a kill and went on has taken it on)
         elif isinstance(error, _KILLS):
             kill = error
             self._halt("the block was killed")
@@ -281,8 +277,10 @@ class TaskGroup:
             self._failures.append((task, failure))
             self._halt("a task failed")
         if not self._running and not self._queue and self._waiter is not None:
+            # After the links already due (a sibling group's task may have
+            # failed in the same turn), not in the middle of them.
             waiter, self._waiter = self._waiter, None
-            waiter.switch(None)
+            get_hub().loop.run_callback(waiter.switch, None)
 
     def _on_deadline(self) -> None:
         if self._state is _DONE or self._stop is not None:
