@@ -1102,3 +1102,55 @@ def test_in_a_request_an_unhandled_group_is_one_500_and_its_errors_are_not_logge
     assert isinstance(caplog.records[-1].exc_info[1], ExceptionGroup)
     assert registry.live() == []
 
+
+
+def test_in_a_request_each_task_runs_in_an_app_context_of_its_own_torn_down_at_its_end(serve):
+    # G3/G4 as revised: each task's own app context (g reads through to the
+    # view's; what a task sets stays its own), torn down once per task with
+    # the task's exception — the killed one's kill included — before the
+    # block exits.
+    pytest.importorskip("geventctx.child_appcontext", reason="the child's own app context (G3 revised) is not here")
+    app = flask.Flask(__name__)
+    GeventContext(app)
+    torn_down = []
+    read = []
+
+    @app.teardown_appcontext
+    def close(exc):
+        mine = flask.g.pop("mine", None)
+        if mine is not None:
+            torn_down.append((mine, type(exc).__name__ if exc is not None else None))
+
+    def backend(name, delay, fails=False):
+        flask.g.mine = name
+        gevent.sleep(delay)
+        if fails:
+            raise LookupError(name)
+        return flask.g.user
+
+    @app.get("/own")
+    def own():
+        flask.g.user = "ada"
+        with TaskGroup() as tg:
+            read.append(tg.spawn(backend, "ok", 0))
+            tg.spawn(backend, "fails", 0.01, fails=True)
+            tg.spawn(backend, "killed", LONG)
+        return "not reached"
+
+    @app.errorhandler(ExceptionGroup)
+    def grouped(group):
+        return {
+            "errors": [repr(e) for e in group.exceptions],
+            "torn_down": sorted(torn_down),
+            "read_through": read[0].get(),
+            "view_g": "mine" in flask.g,
+        }
+
+    response = serve(app).request("GET", "/own")
+    assert response.status == 200
+    assert response.json() == {
+        "errors": ["LookupError('fails')"],
+        "torn_down": [["fails", "LookupError"], ["killed", "GreenletExit"], ["ok", None]],
+        "read_through": "ada",
+        "view_g": False,
+    }
