@@ -23,8 +23,17 @@ from common import format_table
 #: Benchmark modules, in run order. (P4 lives in ``http_rps``: a module named
 #: ``http`` here would shadow the standard library's ``http`` package.)
 MODULES = [
-    "spawn", "body", "http_rps", "memory", "upload", "stragglers", "pools", "celery_publish", "observability",
+    "spawn",
+    "body",
+    "http_rps",
+    "memory",
+    "upload",
+    "stragglers",
+    "pools",
+    "celery_publish",
+    "observability",
     "databases",
+    "taskgroup",
 ]
 
 

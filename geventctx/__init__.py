@@ -29,12 +29,14 @@ from .errors import (
     MisuseWarning,
     SessionMutationError,
     SessionMutationWarning,
+    TaskCancelled,
 )
 from .executor import Executor, Future
 from .handoff import Greenlet, spawn, spawn_later
 from .patch import is_patched, unpatch
 from .pool import Group, Pool
 from .scope import Scope, current_scope
+from .taskgroup import TaskGroup
 from .threadpool import ThreadPool
 
 if _t.TYPE_CHECKING:
@@ -62,6 +64,8 @@ __all__ = [
     "Scope",
     "SessionMutationError",
     "SessionMutationWarning",
+    "TaskCancelled",
+    "TaskGroup",
     "ThreadPool",
     "current_scope",
     "is_patched",

@@ -30,6 +30,9 @@ The rules:
   (``extras``; nothing is written on the exception), so the same object
   raised in a later request is reported again.
 
+A :class:`~geventctx.TaskGroup` task's error is its group's: the group
+raises it, and reports it here (:func:`report_claimed`) only when it cannot.
+
 Reporters (:func:`add_reporter`, e.g. Sentry's integration) are called with
 each reported error, right after it is logged, in the same context.
 
@@ -149,6 +152,10 @@ def install(hub: t.Any = None) -> None:
                     return
                 except Exception:  # an exception type without attributes
                     pass
+            if getattr(child, "_geventctx_claimed", False):
+                # A TaskGroup task: its group raises it, or reports it
+                # through report_claimed() when it cannot.
+                return
             entry = registry.entry_of(child)
             if (
                 entry is not None
@@ -196,6 +203,34 @@ def _log_inheriting(child: t.Any, type_: t.Any, value: t.Any, tb: t.Any) -> bool
         format_site(site_of(getattr(child, "spawning_stack", None))),
     )
     return True
+
+
+def report_claimed(child: t.Any, error: BaseException) -> None:
+    """Report ``error`` of the ended hand-off ``child`` whose owner claimed it
+    (a :class:`~geventctx.TaskGroup` task: its group raises it) but cannot
+    raise it (the greenlet running the block was killed): as the hook would
+    have when the child ended — with its request and spawn site, in its
+    context, once — or through gevent's own ``handle_error`` outside a
+    request."""
+    hub = get_hub()
+    if isinstance(error, hub.SYSTEM_ERROR + hub.NOT_ERROR):
+        return  # never claimed: gevent had it when the child ended
+    exc_info = (type(error), error, error.__traceback__)
+    scope = getattr(child, "_geventctx_scope", None)
+    if scope is not None and not scope.extras.get(OPT_OUT):
+        function = getattr(child, "_geventctx_function", None)
+        _report(
+            scope,
+            _context_of(child),
+            exc_info,
+            "child %s of request %s (spawned at %s) failed",
+            getattr(function, "__qualname__", None) or repr(function),
+            scope.label,
+            format_site(registry.site_of_child(child)),
+        )
+        return
+    child._geventctx_claimed = False
+    hub.handle_error(child, *exc_info)
 
 
 #: Attribute of a ThreadPool task's exception held back for its hand-off.

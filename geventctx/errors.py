@@ -45,6 +45,21 @@ class SessionMutationError(RuntimeError):
     """Raised instead of :class:`SessionMutationWarning` in strict mode."""
 
 
+class TaskCancelled(Exception):
+    """``get()`` of a :class:`~geventctx.TaskGroup` task that its group killed.
+
+    The group kills its tasks when it stops (a task or the block failed, the
+    deadline passed, ``cancel()``); each task saw a plain ``GreenletExit``,
+    as from any gevent kill, and its ``value`` is that ``GreenletExit``.
+    ``get()`` raises this instead of returning it, chained from it: an
+    ``Exception``, so a view that lets it through gets a 500 like any error.
+    A task killed by your own ``kill()`` keeps gevent's rule (``get()``
+    returns the ``GreenletExit``).
+
+    .. versionadded:: 0.2
+    """
+
+
 class BodyReadError(IOError):
     """Reading the shared request body failed or was abandoned.
 

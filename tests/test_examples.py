@@ -119,3 +119,39 @@ def test_observability_wires_sentry_opentelemetry_and_logging(capsys):
     assert event["tags"] == {"order": "2", "item": "broken"}
     assert event["request"]["url"].endswith("/orders/2")
     assert "one event per failed item" in capsys.readouterr().out
+
+
+def test_taskgroup_fanout_answers_with_what_each_backend_gave_and_leaves_nothing_running(serve):
+    from examples import taskgroup_fanout as fanout
+
+    backends = serve(fanout.create_backends(), spawn=gevent.pool.Pool(16))  # (a pool: stop() kills)
+    app = serve(fanout.create_app(("127.0.0.1", backends.port)))
+
+    def ask(product: int) -> tuple[int, dict]:
+        response = app.request("GET", f"/product/{product}", headers={"X-Request-Id": f"req-{product}"})
+        assert geventctx.registry.live() == []  # every call ended with the view
+        return response.status, response.json()
+
+    status, page = ask(1)
+    assert status == 200 and page["errors"] is None
+    assert {name: part["ok"]["request_id"] for name, part in page["parts"].items()} == dict.fromkeys(
+        fanout.BACKENDS, "req-1"
+    )
+
+    # pricing fails: the group stops reviews at once and raises the failure
+    status, page = ask(13)
+    assert status == 502
+    assert page["errors"] == ['pricing answered 503: {"error":"no price for product 13"}\n']
+    assert page["parts"]["inventory"]["ok"]["request_id"] == "req-13"
+    assert page["parts"]["pricing"] == {"failed": page["errors"][0]}
+    assert page["parts"]["reviews"] == {"stopped": True}
+
+    # reviews are slow: the deadline stops them, long before they would answer
+    status, page = ask(7)
+    assert status == 504
+    [timeout] = page["errors"]
+    assert timeout.startswith(f"TaskGroup deadline of {fanout.DEADLINE:g} s passed; stopped: call_backend (spawned at ")
+    assert timeout.count("call_backend") == 1
+    assert page["parts"]["reviews"] == {"stopped": True}
+    assert [page["parts"][name]["ok"]["backend"] for name in ("inventory", "pricing")] == ["inventory", "pricing"]
+    backends.stop(timeout=0.1)  # the slow backend's own handler would sleep on
