@@ -23,6 +23,7 @@ from common import format_table
 #: Benchmark modules, in run order. (P4 lives in ``http_rps``: a module named
 #: ``http`` here would shadow the standard library's ``http`` package.)
 MODULES = [
+    "call_trace",
     "spawn",
     "body",
     "http_rps",

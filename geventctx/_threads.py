@@ -39,9 +39,9 @@ def request_hub_of(made_in: int, refusal: str) -> t.Any:
     """Where a pool or executor made in thread ``made_in`` is used from another
     thread: the hub of the current request if that request belongs to
     ``made_in`` (hand the call over there), else ``RuntimeError(refusal)``."""
-    from .scope import _SCOPE
+    from .scope import scope_for_handoff
 
-    scope = _SCOPE.get()
+    scope = scope_for_handoff()
     if scope is None or scope.thread != made_in:
         raise RuntimeError(refusal)
     return scope.hub

@@ -794,6 +794,7 @@ def share_wsgi_input(
     directory: str | None = None,
     scope: t.Any = None,
     owner: tuple[t.Any, int] | None = None,
+    source: tuple[Readable | None, int | None] | None = None,
 ) -> SharedBody:
     """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
 
@@ -801,6 +802,7 @@ def share_wsgi_input(
     ``MAX_CONTENT_LENGTH``). A second call for the same request (a second
     adapter) returns the same body and adds its limit: the smallest counts,
     so an inner framework without a limit does not lift the outer one.
+    ``source`` is ``(raw, length)`` to read instead of ``wsgi.input``.
     ``scope`` (a :class:`~geventctx.Scope`) owns the body: its adapter's
     :func:`end_of_response` releases it as the last teardown step.
     """
@@ -809,8 +811,14 @@ def share_wsgi_input(
         if max_length is not None:
             body.add_limit(max_length)
         return body
-    length = _content_length(environ)
-    raw: Readable | None = environ["wsgi.input"]
+    raw: Readable | None
+    if source is not None:
+        # What is left of a body a framework began to read itself (the
+        # Flask extension, at a request's first hand-off): ``(raw, length)``.
+        raw, length = source
+    else:
+        length = _content_length(environ)
+        raw = environ["wsgi.input"]
     if length is None and not (
         "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and environ.get("wsgi.input_terminated")
     ):

@@ -67,6 +67,7 @@ Configuration (``app.config``), with defaults:
 
 from __future__ import annotations
 
+import io
 import sys
 import typing as t
 import warnings
@@ -93,15 +94,16 @@ from .body import (
     DEFAULT_TIMEOUT,
     ENVIRON_BODY,
     SharedBody,
+    SharedFile,
     end_of_response,
     has_body,
     share_wsgi_input,
 )
 from .child_appcontext import fork_g, forked_g, unfork_g
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
-from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
-from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
-from .scope import ENVIRON_SCOPE, Scope
+from .isolation import IsolatedApp
+from .request import SharedBodyRequest
+from .scope import _PENDING, ENVIRON_SCOPE, Scope, register_opener
 
 __all__ = ["GeventContext", "DEFAULTS", "fork_g", "unfork_g", "forked_g"]
 
@@ -142,6 +144,80 @@ def _late(policy: str, category: type[Warning], message: str, site: Site | None)
         warnings.warn_explicit(message, category, site[0], site[1])
 
 
+# -- per-request state ---------------------------------------------------------------
+
+
+class _Request:
+    """What the adapter keeps of one managed request, in named fields.
+
+    The rule (DESIGN, "Pay for what you use"): a request that never hands
+    off is this object, the after-request seal and Flask's own teardown
+    calls in place; its :class:`~geventctx.Scope`, shared body and
+    straggler watch come into being at its first hand-off (:func:`_open`,
+    the opener this adapter registers with :mod:`geventctx.scope`).
+    """
+
+    __slots__ = (
+        "scope",  # the request's Scope, made at its first hand-off, else None
+        "ctx",  # Flask's request context (3.2: the merged context)
+        "app_ctx",  # the app context the request pushed for itself, or None
+        "contexts",  # what a deferred teardown step makes current again
+        "home",  # the request's own Context object
+        "config",  # the app's config
+        "late",  # the after-request list, sealed where Flask stops reading it
+        "response",  # the response, once Flask made it (request_finished)
+        "steps",  # the teardown calls taken over, by kind
+        "stream",  # the response's stream_with_context generator (weakly), or None
+        "last",  # the teardown call that ends the request itself
+        "ended",  # True once the request itself ended
+        "error",  # the first error of a teardown call run in place
+        "token",  # the token of the scope entered in the request's Context
+        "pending",  # the token of this state, pending in the request's Context
+        "session_sealed",  # True once the session is sealed (G6)
+        "thread",  # the request's thread, and its hub: where its socket is read
+        "hub",
+    )
+
+    scope: Scope | None
+    ctx: t.Any
+    app_ctx: t.Any
+    contexts: t.Any
+    home: t.Any
+    config: t.Any
+    late: t.Any
+    response: t.Any
+    steps: dict[str, _Step]
+    stream: t.Any
+    last: str
+    ended: bool
+    error: BaseException | None
+    token: t.Any
+    pending: t.Any
+    session_sealed: bool
+    thread: int
+    hub: t.Any
+
+    @property
+    def label(self) -> str:
+        scope = self.scope
+        if scope is not None:
+            return scope.label
+        ctx = self.ctx
+        if ctx is None:
+            return "the request"
+        return f"{ctx.request.method} {ctx.request.path}"
+
+    def stream_popping(self) -> bool:
+        stream = self.stream() if self.stream is not None else None
+        return stream is not None and bool(stream.gi_running)
+
+
+_ENVIRON_STATE = "geventctx.flask"
+_cv_app = compat._cv_app
+_cv_request = compat._cv_request
+_STREAM_CODE = compat._STREAM_CODE
+
+
 # -- per-request guards ----------------------------------------------------------
 
 
@@ -167,7 +243,6 @@ class _AfterRequestList(list):  # type: ignore[type-arg]
 
     sealed = False
     policy = "warn"
-    label = ""
 
     def __iter__(self) -> t.Iterator[t.Any]:
         index = 0
@@ -179,23 +254,25 @@ class _AfterRequestList(list):  # type: ignore[type-arg]
     def append(self, function: t.Any) -> None:
         if self.sealed:
             name = getattr(function, "__qualname__", function)
+            ctx = _request_ctx_now()
+            label = f"{ctx.request.method} {ctx.request.path}" if ctx is not None else "the request"
             _late(
                 self.policy,
                 LateEffectWarning,
                 f"after_this_request({name}) was called after Flask ran the "
-                f"after-request functions of {self.label}: it will never run",
+                f"after-request functions of {label}: it will never run",
                 _user_site(),
             )
         super().append(function)
 
 
-def _seal_session(session: t.Any, scope: Scope, policy: str) -> None:
+def _seal_session(session: t.Any, state: _Request, policy: str) -> None:
     """From now on, a change to ``session`` cannot reach the client."""
-    if policy == "ignore" or scope.extras.get("session_sealed"):
+    if policy == "ignore" or state.session_sealed:
         return
-    scope.extras["session_sealed"] = True
+    state.session_sealed = True
     message = (
-        f"the session of {scope.label} was changed after it was saved in the response; "
+        f"the session of {state.label} was changed after it was saved in the response; "
         "the change is lost (change it before the view returns, or store it elsewhere)"
     )
     if isinstance(session, CallbackDict):
@@ -215,7 +292,9 @@ def _seal_session(session: t.Any, scope: Scope, policy: str) -> None:
             if dict(session) != saved:
                 _late(policy, SessionMutationWarning, message + " (noticed at teardown)", None)
 
-        scope.on_close(compare)
+        scope = _open(state, handoff=False)
+        if scope is not None:
+            scope.on_close(compare)
 
 
 # -- the extension ---------------------------------------------------------------
@@ -239,7 +318,6 @@ class GeventContext:
             app.config.setdefault(key, value)
         _check_config(app.config)
         app.extensions["geventctx"] = self
-        app.extensions[_PLAN_KEY] = _BodyPlan(app.config)
         _connect_signals()
         # The rule for what init_app puts on the app: nothing that refers
         # back to the app strongly (an app dropped is freed at once, as Flask
@@ -251,100 +329,14 @@ class GeventContext:
         # geventctx.isolation); the response's close() (Werkzeug's
         # call_on_close hooks) is the last step of its teardown, after the
         # children (G4).
-        app.wsgi_app = IsolatedApp(_weakly_bound(app, app.wsgi_app), _end_of_request)  # type: ignore[method-assign]
-        # Every body consumer of the app's requests reads the shared body
-        # (made at the first read or hand-off, never before).
-        app.request_class = shared_body_request_class(app.request_class)
-
-    # -- request start ----------------------------------------------------------
-
-    def _request_started(self, app: Flask) -> None:
-        ctx = compat.request_ctx()
-        if ctx is None or getattr(ctx, "_geventctx_scope", None) is not None:
-            return
-        config = app.config
-        request = ctx.request
-        environ = request.environ
-        home = environ.get(ENVIRON_CONTEXT)  # the request's, made by IsolatedApp
-        if not isinstance(home, RequestContext) or home.context is not getcurrent().gr_context:
-            home = None
-        scope = Scope(f"{request.method} {request.path}", home)
-        outer = environ.get(ENVIRON_SCOPE)
-        if isinstance(outer, Scope):
-            scope.hold_parent(outer)  # the WSGI middleware's request
-        ctx._geventctx_scope = scope
-        environ[_ENVIRON_FLASK_SCOPE] = scope
-        scope.extras["token"] = scope.enter()
-        app_ctx = compat.app_ctx_of_request(ctx)
-        if app_ctx is not None:
-            app_ctx._geventctx_scope = scope
-        else:
-            # An app context was active already: Flask's pop of the request
-            # ends with request.close().
-            _end_of(scope).last = "request_close"
-        # A deferred teardown step runs with these current again.
-        scope.extras["contexts"] = compat.contexts(ctx)
-        scope.extras["config"] = config
-
-        mode = config["GEVENTCTX_BODY"]
-        if mode != "off" and has_body(environ):
-            if ENVIRON_BODY in environ:
-                # The WSGI middleware shares it already: add Flask's limit.
-                share_wsgi_input(environ, lambda: request.max_content_length)
-            else:
-                environ[ENVIRON_BODY_PLAN] = app.extensions[_PLAN_KEY]
-                # The body may be made in a thread later; its socket is this hub's.
-                environ[_ENVIRON_OWNER] = (get_hub(), _get_ident())
-            eager = mode == "buffer"
-            limit = config["GEVENTCTX_BODY_BUFFER_LIMIT"]
-
-            def share_at_first_handoff() -> None:
-                # wsgi.input goes behind the shared body too, for children
-                # that read the environ directly; "buffer" reads it now.
-                scope.on_handoff = None
-                body = request.shared_body()
-                if eager and body is not None and body.length is not None and body.length <= limit:
-                    try:
-                        body.read_whole()
-                    except Exception:
-                        pass  # kept for the readers
-
-            scope.on_handoff = share_at_first_handoff
-
-        late = _AfterRequestList(compat.after_request_functions(ctx))
-        late.policy = config["GEVENTCTX_LATE_EFFECTS"]
-        late.label = scope.label
-        compat.set_after_request_functions(ctx, late)
-        scope.extras["after_request"] = late
-
-        if not isinstance(request, SharedBodyRequest):
-            # app.request_class was replaced after init_app.
-            request.__class__ = shared_body_request_class(type(request))
-        # request.close() (Flask calls it in its pop) waits for the children.
-        environ[ENVIRON_CLOSE_HOOK] = _defer_request_close
-
-        if config["GEVENTCTX_LOG_CHILD_ERRORS"]:
-            errorlog.install()
-        else:
-            scope.extras[errorlog.OPT_OUT] = True
-
-    def _request_finished(self, app: Flask, response: t.Any) -> None:
-        ctx = compat.request_ctx()
-        scope = getattr(ctx, "_geventctx_scope", None)
-        if scope is None:
-            return
-        scope.response_started = True
-        scope.extras["after_request"].sealed = True
-        scope.extras["response"] = response
-        stream = compat.stream_of(response)
-        if stream is not None:
-            _end_of(scope).stream = weakref.ref(stream)
-        # Flask saved the session just now (process_response, unless it is
-        # a null session), whatever the app's session interface is: from
-        # here on a change cannot reach the client (G6).
-        session = compat.session_if_open(ctx)
-        if session is not None and not app.session_interface.is_null_session(session):
-            _seal_session(session, scope, app.config["GEVENTCTX_SESSION_AFTER_RESPONSE"])
+        # The app's own bound method is held weakly (no cycle); a middleware
+        # the user put there before us is kept as it is.
+        own = getattr(app.wsgi_app, "__self__", None) is app
+        app.wsgi_app = IsolatedApp(app.wsgi_app, _end_of_request, weak=own)  # type: ignore[method-assign]
+        # A request reads its body as plain Werkzeug until its first
+        # hand-off; then (or at request.shared_body()) every body consumer
+        # reads the shared body (its class is swapped: _open).
+        app.request_class = _unshared_class(app.request_class)
 
     # -- teardown, deferred until the last child ends -------------------------------
     #
@@ -352,9 +344,10 @@ class GeventContext:
     # its scope (teardown_request, request.close(), teardown_appcontext;
     # then the response's close()), taken over once each and run in Flask's
     # order when the request and its children are done, with the exception
-    # Flask settled on. A call made while nothing waits (no child holds the
-    # request, no step is deferred, no stream is still to run) is Flask's
-    # own, in place: what most requests pay is one check per call. The request itself ends at the last teardown call of
+    # Flask settled on. A call made while nothing waits (no scope, or no
+    # child holds the request, no step is deferred, no stream is still to
+    # run) is Flask's own, in place: what a request that never handed off
+    # pays is one check per call. The request itself ends at the last teardown call of
     # Flask's last pop of its contexts (teardown_appcontext of the app
     # context it pushed, else request.close()) — for a stream_with_context
     # response at the stream's end — or at the latest when the response is
@@ -365,34 +358,24 @@ class GeventContext:
     # after the request's own teardown.
 
     def _teardown_request(
-        self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+        self, state: _Request, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
     ) -> None:
+        scope = t.cast(Scope, state.scope)
         ctx, exc = compat.teardown_call(args, kwargs)
-        if ctx is None:
-            ctx = compat.request_ctx()
-        scope: Scope | None = getattr(ctx, "_geventctx_scope", None)
-        if scope is None:
-            original(*args, **kwargs)  # not a managed request: Flask's own call
-            return
-        if not scope.done and "teardown_request" not in _end_of(scope).steps:
-            scope.extras["after_request"].sealed = True
-            body = ctx.request.environ.get(ENVIRON_BODY)
+        if not scope.done and "teardown_request" not in state.steps:
+            state.late.sealed = True
+            body = state.ctx.request.environ.get(ENVIRON_BODY)
             if isinstance(body, SharedBody):
                 # request.max_content_length needs the request's context,
                 # which a capture after the response no longer has.
                 body.settle_limits()
-        _take_over(scope, "teardown_request", original, args, kwargs, exc)
+        _take_over(state, "teardown_request", original, args, kwargs, exc)
 
     def _teardown_appctx(
-        self, app: Flask, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+        self, state: _Request, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
     ) -> None:
         ctx, exc = compat.teardown_call(args, kwargs)
-        app_ctx = ctx if ctx is not None else compat.app_ctx()
-        scope: Scope | None = getattr(app_ctx, "_geventctx_scope", None)
-        if scope is None:
-            original(*args, **kwargs)
-            return
-        _take_over(scope, "teardown_appcontext", original, args, kwargs, exc)
+        _take_over(state, "teardown_appcontext", original, args, kwargs, exc)
 
 
 class _Step:
@@ -431,31 +414,32 @@ _RAN_IN_PLACE.ran = True
 
 
 def _take_over(
-    scope: Scope, kind: str, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any],
+    state: _Request, kind: str, original: t.Callable[..., None], args: tuple[t.Any, ...], kwargs: dict[str, t.Any],
     exc: t.Any,
 ) -> None:
-    """A teardown call of ``kind`` for the managed request of ``scope``."""
-    end = _end_of(scope)
-    step = end.steps.get(kind)
+    """A teardown call of ``kind`` for the managed request of ``state``, whose scope exists."""
+    scope = t.cast(Scope, state.scope)
+    steps = state.steps
+    step = steps.get(kind)
     if step is None and scope.done:
         original(*args, **kwargs)  # the request's teardown ran: Flask's own call
         return
-    if step is None and _nothing_to_wait_for(scope):
+    if step is None and _nothing_to_wait_for(state):
         # No child holds the request and no step waits: Flask's own call,
         # now, in place (what it raises reaches Flask's pop as without
         # geventctx). A hand-off it makes holds the request: the later
         # teardown calls then wait for it.
-        end.steps[kind] = _RAN_IN_PLACE
-        _run_in_place(scope, original, *args, **kwargs)
-        if kind == end.last:
-            _maybe_end_owner(scope)
+        steps[kind] = _RAN_IN_PLACE
+        _run_in_place(state, original, *args, **kwargs)
+        if kind == state.last:
+            _maybe_end_owner(state)
         return
     if exc is compat.MISSING:
         exc = compat.exception_in_flight()
     if step is None:
-        step = end.steps[kind] = _Step(scope.extras["contexts"], original, args, exc)
+        step = steps[kind] = _Step(state.contexts, original, args, exc)
         scope.defer(step)
-    elif end.stream_popping():
+    elif state.stream_popping():
         if exc is not None and not step.ran:
             step.exc = exc  # the stream's exception: what teardown gets
     elif step.ran or scope.done:
@@ -464,36 +448,35 @@ def _take_over(
     else:
         # Flask's own repeat before the request's teardown ran (children
         # still run): it runs after it.
-        scope.defer(_Step(scope.extras["contexts"], original, args, exc))
-    if kind == end.last:
-        _maybe_end_owner(scope)
+        scope.defer(_Step(state.contexts, original, args, exc))
+    if kind == state.last:
+        _maybe_end_owner(state)
 
 
-def _nothing_to_wait_for(scope: Scope) -> bool:
-    """True if a teardown call of ``scope``'s request may run now, in place:
+def _nothing_to_wait_for(state: _Request) -> bool:
+    """True if a teardown call of ``state``'s request may run now, in place:
     nothing holds the request but the request itself, no deferred step
     waits, and no ``stream_with_context`` stream is still to run."""
-    return scope.idle and not compat.stream_pending(scope.extras.get("response"))
+    scope = state.scope
+    return (scope is None or scope.idle) and not compat.stream_pending(state.response)
 
 
-def _run_in_place(scope: Scope, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> None:
+def _run_in_place(state: _Request, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> None:
     # What a step run in place raises is raised when the request ends,
     # after every later step ran (as for deferred steps: G4), not now
     # (Flask's pop would skip request.close()).
     try:
         function(*args, **kwargs)
     except BaseException as exc:
-        scope.extras.setdefault(_IN_PLACE_ERROR, exc)
+        if state.error is None:
+            state.error = exc
 
 
-_IN_PLACE_ERROR = "in_place_error"
-
-
-def _maybe_end_owner(scope: Scope) -> None:
+def _maybe_end_owner(state: _Request) -> None:
     # The last teardown call of Flask's pop: the request itself is done,
     # unless its stream_with_context stream is still to run.
-    if not scope.owner_done and not compat.stream_pending(scope.extras.get("response")):
-        _end_owner(scope, scope.extras["config"])
+    if not state.ended and not compat.stream_pending(state.response):
+        _end_owner(state)
 
 
 def _with_exc(args: tuple[t.Any, ...], exc: t.Any) -> tuple[t.Any, ...]:
@@ -505,64 +488,169 @@ def _with_exc(args: tuple[t.Any, ...], exc: t.Any) -> tuple[t.Any, ...]:
 class _Teardown:
     """``app.do_teardown_request``/``do_teardown_appcontext`` of a managed
     app: defers Flask's own method (looked up on the app's class at each
-    call, so subclass overrides count) for managed requests and calls it
-    unchanged otherwise. Holds the app weakly: no reference cycle."""
+    call, so subclass overrides count) for managed requests whose scope
+    exists, and calls it in place otherwise. Holds the app weakly: no
+    reference cycle."""
 
-    __slots__ = ("_app", "_name")
+    __slots__ = ("_app", "_name", "_request")
 
     def __init__(self, app: Flask, name: str) -> None:
         self._app = weakref.ref(app)
         self._name = name
+        self._request = name == "do_teardown_request"
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        # Every line runs for every request: its context's state looked up
+        # inline (no compat call), Flask's own call in place when the
+        # request never handed off (the call budget: DESIGN, "Pay for what
+        # you use").
         app = self._app()
         if app is None:
             raise RuntimeError("the app of this teardown method is gone")
         original = getattr(type(app), self._name).__get__(app)
+        if compat.MERGED:
+            ctx = args[0] if args else kwargs.get("ctx")
+        else:
+            ctx = _cv_request.get(None) if self._request else _cv_app.get(None)
+        state: _Request | None = getattr(ctx, "_geventctx", None)
+        if state is None or (state.scope is None and state.ended):
+            original(*args, **kwargs)  # not a managed request, or after its end: Flask's own call
+            return
+        if state.scope is None:
+            # Never handed off: Flask's own call, in place; what it raises
+            # is raised at the request's end (after every later call ran).
+            kind = "teardown_request" if self._request else "teardown_appcontext"
+            if self._request:
+                state.late.sealed = True
+            state.steps[kind] = _RAN_IN_PLACE
+            try:
+                original(*args, **kwargs)
+            except BaseException as exc:
+                if state.error is None:
+                    state.error = exc
+            if state.scope is not None:
+                # A teardown function handed off: the request waits for it now.
+                if kind == state.last:
+                    _maybe_end_owner(state)
+            elif kind == state.last or (self._request and state.last == "request_close"):
+                # The request itself ends here (request.close(), when it is
+                # the last call, is Flask's own: nothing to wait for); a
+                # hand-off after it is not the request's. What a call
+                # raised is raised now, as Flask's pop would.
+                state.ended = True
+                token, state.pending = state.pending, None
+                if token is not None and getcurrent().gr_context is state.home:
+                    _PENDING.reset(token)
+                error, state.error = state.error, None
+                # _forget(state), inlined (the call budget): nothing of the
+                # request in a reference cycle.
+                state.ctx = state.app_ctx = state.contexts = state.response = state.late = None
+                if error is not None:
+                    raise error
+            return
         ext = app.extensions.get("geventctx")
         if not isinstance(ext, GeventContext):
             original(*args, **kwargs)
-        elif self._name == "do_teardown_request":
-            ext._teardown_request(app, original, args, kwargs)
+        elif self._request:
+            ext._teardown_request(state, original, args, kwargs)
         else:
-            ext._teardown_appctx(app, original, args, kwargs)
+            ext._teardown_appctx(state, original, args, kwargs)
 
 
-class _WeakWsgiApp:
-    """``app.wsgi_app`` (the method of the app itself) without a strong
-    reference to the app: what ``app.wsgi_app = IsolatedApp(...)`` keeps."""
-
-    __slots__ = ("_app", "_function")
-
-    def __init__(self, app: Flask, function: t.Callable[..., t.Any]) -> None:
-        self._app = weakref.ref(app)
-        self._function = function
-
-    def __call__(self, environ: dict[str, t.Any], start_response: t.Any) -> t.Any:
-        app = self._app()
-        if app is None:
-            raise RuntimeError("the Flask app of this WSGI callable is gone")
-        return self._function(app, environ, start_response)
+def _leave_pending(state: _Request) -> None:
+    # A hand-off after the request's end is not the request's (as before
+    # its scope was left): its pending state goes, where it was set.
+    token, state.pending = state.pending, None
+    if token is not None and getcurrent().gr_context is state.home:
+        _PENDING.reset(token)
 
 
-def _weakly_bound(app: Flask, wsgi_app: t.Any) -> t.Any:
-    # The app's own bound method would make a cycle; a middleware the user
-    # put there before us is kept as it is (its references are its own).
-    if getattr(wsgi_app, "__self__", None) is app:
-        return _WeakWsgiApp(app, wsgi_app.__func__)
-    return wsgi_app
+# -- request start and finish (one receiver each, one call each) ----------------
+
+
+def _request_ctx_now() -> t.Any:
+    if compat.MERGED:
+        ctx = _cv_app.get(None)
+        return ctx if ctx is not None and ctx.has_request else None
+    return _cv_request.get(None)
 
 
 def _on_request_started(sender: t.Any, **_: t.Any) -> None:
-    ext = getattr(sender, "extensions", {}).get("geventctx")
-    if isinstance(ext, GeventContext):
-        ext._request_started(sender)
+    # Every line runs for every request (the call budget): no scope, no
+    # body wrapper, no compat call — a state object, the after-request
+    # seal, and the state left pending for the first hand-off.
+    if not isinstance(getattr(sender, "extensions", {}).get("geventctx"), GeventContext):
+        return
+    if compat.MERGED:
+        ctx = _cv_app.get(None)
+        if ctx is None or not ctx.has_request:
+            return
+        app_ctx = ctx
+        contexts: tuple[t.Any, t.Any] = (None, ctx)
+    else:
+        ctx = _cv_request.get(None)
+        if ctx is None:
+            return
+        tokens = ctx._cv_tokens  # compat.app_ctx_of_request(), inlined
+        app_ctx = tokens[-1][1] if tokens else None
+        contexts = (_cv_app.get(None), ctx)
+    if getattr(ctx, "_geventctx", None) is not None:
+        return
+    config = sender.config
+    state = _Request()
+    state.scope = state.response = state.stream = state.error = state.token = None
+    state.ctx = ctx
+    state.app_ctx = app_ctx
+    state.contexts = contexts
+    state.home = getcurrent().gr_context
+    state.thread = _get_ident()
+    state.hub = get_hub()
+    state.config = config
+    state.steps = {}
+    # The request itself ends with the teardown of the app context it
+    # pushed; else (one was active already) with request.close().
+    state.last = "teardown_appcontext" if app_ctx is not None else "request_close"
+    state.ended = state.session_sealed = False
+    late = _AfterRequestList(ctx._after_request_functions)
+    late.policy = config["GEVENTCTX_LATE_EFFECTS"]
+    ctx._after_request_functions = late
+    state.late = late
+    ctx._geventctx = state
+    if app_ctx is not None:
+        app_ctx._geventctx = state
+    environ = ctx.request.environ
+    environ[_ENVIRON_STATE] = state
+    state.pending = _PENDING.set(state)
+    if ENVIRON_SCOPE in environ:
+        # Inside the WSGI middleware, whose scope is current already: the
+        # request's own scope now, nested in it, and current.
+        state.token = _make_scope(state).enter()
 
 
 def _on_request_finished(sender: t.Any, response: t.Any = None, **_: t.Any) -> None:
-    ext = getattr(sender, "extensions", {}).get("geventctx")
-    if isinstance(ext, GeventContext):
-        ext._request_finished(sender, response)
+    ctx = _request_ctx_now() if compat.MERGED else _cv_request.get(None)
+    state: _Request | None = getattr(ctx, "_geventctx", None)
+    if state is None or not isinstance(getattr(sender, "extensions", {}).get("geventctx"), GeventContext):
+        return
+    state.late.sealed = True
+    state.response = response
+    scope = state.scope
+    stream = getattr(response, "response", None)
+    if _STREAM_CODE is not None and getattr(stream, "gi_code", None) is _STREAM_CODE:
+        # A stream_with_context response: its generator pops the contexts
+        # again at its end; what runs in between is the scope's.
+        scope = _open(state, handoff=False)
+        state.stream = weakref.ref(stream)
+    if scope is not None:
+        scope.response_started = True
+    # Flask saved the session just now (process_response, unless it is
+    # a null session), whatever the app's session interface is: from
+    # here on a change cannot reach the client (G6).
+    # (compat.session_if_open(), inlined.)
+    opened = vars(ctx)
+    session = opened["_session"] if "_session" in opened else opened.get("session")
+    if session is not None and not sender.session_interface.is_null_session(session):
+        _seal_session(session, state, sender.config["GEVENTCTX_SESSION_AFTER_RESPONSE"])
 
 
 def _connect_signals() -> None:
@@ -573,61 +661,232 @@ def _connect_signals() -> None:
     request_finished.connect(_on_request_finished)
 
 
+# -- the first hand-off ------------------------------------------------------------------
+
+
+def _open(state: _Request, handoff: bool = True) -> Scope | None:
+    """The request's scope, made now if it has none (its first hand-off, a
+    ``stream_with_context`` response, ``current_scope()``,
+    ``request.shared_body()``): its body shared, its request's class swapped
+    to read through the shared body and defer ``close()``. At the first
+    hand-off (``handoff``) it is entered in the request's own Context and,
+    in ``"buffer"`` mode, the whole body read. ``None`` after the request's
+    end, or outside the request's own Context."""
+    scope = state.scope
+    if scope is None:
+        if state.ended or getcurrent().gr_context is not state.home:
+            return None
+        scope = _make_scope(state)
+    if not handoff or state.token is not None or state.ended or getcurrent().gr_context is not state.home:
+        return scope
+    state.token = scope.enter()
+    config = state.config
+    body = state.ctx.request.environ.get(ENVIRON_BODY)
+    if isinstance(body, SharedBody) and config["GEVENTCTX_BODY"] == "buffer" and body.length is not None:
+        # "buffer": the parent reads the whole body at its first hand-off
+        # (interrupted, the hand-off does not happen: it has no hold yet).
+        if body.length <= config["GEVENTCTX_BODY_BUFFER_LIMIT"]:
+            try:
+                body.read_whole()
+            except Exception:
+                pass  # kept for the readers
+    return scope
+
+
+def _make_scope(state: _Request) -> Scope:
+    ctx = state.ctx
+    request = ctx.request
+    environ = request.environ
+    scope = Scope(f"{request.method} {request.path}")
+    scope.response_started = state.response is not None
+    outer = environ.get(ENVIRON_SCOPE)
+    if isinstance(outer, Scope):
+        scope.hold_parent(outer)  # the WSGI middleware's request
+    state.scope = scope
+    if not isinstance(request, _ManagedRequest):
+        request.__class__ = _managed_class(type(request))
+    if state.config["GEVENTCTX_LOG_CHILD_ERRORS"]:
+        errorlog.install()
+    else:
+        scope.extras[errorlog.OPT_OUT] = True
+    _share_body(state, request, environ)
+    return scope
+
+
+register_opener(_Request, _open)
+
+
+def _share_body(state: _Request, request: t.Any, environ: dict[str, t.Any]) -> SharedBody | None:
+    """Put the request's body behind the shared body, from where Werkzeug
+    left it: what it read before the first hand-off (``get_data``'s cache,
+    a parsed form, a stream read in part) is what every consumer reads."""
+    config = state.config
+    mode = config["GEVENTCTX_BODY"]
+    if mode == "off" or not has_body(environ):
+        return None
+    existing = environ.get(ENVIRON_BODY)
+    if isinstance(existing, SharedBody):
+        # The WSGI middleware shares it already: add Flask's limit.
+        return share_wsgi_input(environ, lambda: request.max_content_length)
+    if existing is not None:
+        return None  # gone
+    read = request.__dict__
+    source: tuple[t.Any, int] | None = None
+    if "_cached_data" in read:
+        data = read["_cached_data"]
+        source = (io.BytesIO(data), len(data))
+    elif "form" in read or "stream" in read:
+        stream = read.get("stream")
+        limit = getattr(stream, "limit", None)
+        position = getattr(stream, "_pos", None)  # Werkzeug 2.3+'s LimitedStream
+        if "form" not in read and isinstance(limit, int) and isinstance(position, int) and position < limit:
+            source = (stream, limit - position)  # the rest, where the view left it
+        else:
+            source = (io.BytesIO(b""), 0)  # consumed: what Werkzeug gives now
+    body = share_wsgi_input(
+        environ,
+        lambda: request.max_content_length,
+        memory_limit=config["GEVENTCTX_BODY_MEMORY_LIMIT"],
+        timeout=config["GEVENTCTX_BODY_TIMEOUT"],
+        directory=config["GEVENTCTX_BODY_SPOOL_DIR"],
+        scope=state.scope,
+        owner=(get_hub(), _get_ident()),
+        source=source,
+    )
+    files = read.get("files")
+    if files is not None:
+        for _name, upload in files.items(multi=True):
+            if not isinstance(upload.stream, SharedFile):
+                at = upload.stream.tell()  # the view's own position stays its own
+                upload.stream = SharedFile(upload.stream)
+                if at:
+                    upload.stream.seek(at)
+    return body
+
+
+class _UnsharedRequest:
+    """Mixed into the app's request class: until its scope exists a request
+    is plain Werkzeug; :meth:`shared_body` makes both."""
+
+    environ: dict[str, t.Any]
+
+    def shared_body(self) -> SharedBody | None:
+        """The request's shared body, made now (its scope too), or ``None``."""
+        state = self.environ.get(_ENVIRON_STATE)
+        if isinstance(state, _Request):
+            _open(state, handoff=False)
+        if isinstance(self, SharedBodyRequest):
+            return self.shared_body()
+        return None
+
+    @property
+    def stream(self) -> t.Any:
+        # Werkzeug's every body read goes through here: plain Werkzeug, but
+        # for a reader in another thread than the request's (given the
+        # request by hand, not handed off): the socket is the request hub's,
+        # read through a shared body that hands its reads over there.
+        environ = self.environ
+        body = environ.get(ENVIRON_BODY)
+        if isinstance(body, SharedBody):
+            return body
+        state = environ.get(_ENVIRON_STATE)
+        if (
+            body is None and isinstance(state, _Request) and state.thread != _get_ident()
+            and state.config["GEVENTCTX_BODY"] != "off" and has_body(environ)
+        ):
+            config = state.config
+            return share_wsgi_input(
+                environ,
+                lambda: self.max_content_length,  # type: ignore[attr-defined]
+                memory_limit=config["GEVENTCTX_BODY_MEMORY_LIMIT"],
+                timeout=config["GEVENTCTX_BODY_TIMEOUT"],
+                directory=config["GEVENTCTX_BODY_SPOOL_DIR"],
+                owner=(state.hub, state.thread),
+            )
+        return super().stream  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Close the request once, at the request's own pop: the pop of a
+        copy (``copy_current_request_context``) shares the request the view
+        still uses, and leaves it open. (Once the request has a scope, its
+        class defers the close: :class:`_ManagedRequest`.)"""
+        state = self.environ.get(_ENVIRON_STATE)
+        if isinstance(state, _Request) and state.scope is None:
+            attrs = self.__dict__
+            if attrs.get("_geventctx_closed"):
+                return
+            current = (_cv_app if compat.MERGED else _cv_request).get(None)  # no call: the budget
+            if not state.ended and state.ctx is not None and current is not state.ctx:
+                return  # a copy's pop, under the view
+            attrs["_geventctx_closed"] = True
+        super().close()  # type: ignore[misc]
+
+
+class _ManagedRequest(SharedBodyRequest):
+    """The class of a managed request once its scope exists: every body
+    consumer reads the shared body; ``close()`` waits for the children."""
+
+    def close(self) -> None:
+        if not _defer_request_close(self):
+            self.close_now()
+
+
+def _unshared_class(cls: type) -> type:
+    if issubclass(cls, (_UnsharedRequest, SharedBodyRequest)):
+        return cls
+    made: type | None = cls.__dict__.get("_geventctx_unshared_class")
+    if made is None:
+        made = type(cls.__name__, (_UnsharedRequest, cls), {"__module__": cls.__module__})
+        cls._geventctx_unshared_class = made  # type: ignore[attr-defined]
+    return made
+
+
+def _managed_class(cls: type) -> type:
+    made: type | None = cls.__dict__.get("_geventctx_managed_class")
+    if made is None:
+        made = type(cls.__name__, (_ManagedRequest, cls), {"__module__": cls.__module__})
+        cls._geventctx_managed_class = made  # type: ignore[attr-defined]
+    return made
+
+
 def _defer_request_close(request: t.Any) -> bool:
-    """``request.close()`` of a managed request: a step of its scope, once
-    for ever (Flask's pop calls it, and so does the pop of every copy made
-    by ``copy_current_request_context``: the same request object)."""
-    scope: Scope | None = request.environ.get(_ENVIRON_FLASK_SCOPE)
-    state = request.__dict__
-    if not state.get("_geventctx_close_deferred"):
-        if scope is None or scope.done:
+    """``request.close()`` of a managed request with a scope: a step of its
+    scope, once for ever (Flask's pop calls it, and so does the pop of
+    every copy made by ``copy_current_request_context``: the same request
+    object). ``False``: close now."""
+    state: _Request | None = request.environ.get(_ENVIRON_STATE)
+    scope = state.scope if state is not None else None
+    if state is None or scope is None:
+        return False
+    attrs = request.__dict__
+    if not attrs.get("_geventctx_close_deferred"):
+        if scope.done:
             return False
-        state["_geventctx_close_deferred"] = True
-        if _nothing_to_wait_for(scope) and compat.request_ctx() is scope.extras["contexts"][1]:
+        attrs["_geventctx_close_deferred"] = True
+        if _nothing_to_wait_for(state) and compat.request_ctx() is state.contexts[1]:
             # The request's own pop (not a copy's, copy_current_request_context:
             # the view still uses the request), and nothing waits: in place.
-            _run_in_place(scope, request.close_now)
+            _run_in_place(state, request.close_now)
         else:
-            scope.defer(compat.run_in_contexts, scope.extras["contexts"], request.close_now)
-    if scope is not None and _end_of(scope).last == "request_close":
-        _maybe_end_owner(scope)
+            scope.defer(compat.run_in_contexts, state.contexts, request.close_now)
+    if state.last == "request_close":
+        _maybe_end_owner(state)
     return True
 
 
-class _End:
-    """What the adapter remembers of a request until its scope is gone: the
-    teardown calls it took over, which call ends the request (``last``),
-    and its ``stream_with_context`` generator (weakly), whose own pops of
-    the contexts are the same end."""
-
-    __slots__ = ("steps", "stream", "last")
-
-    def __init__(self) -> None:
-        self.steps: dict[str, _Step] = {}
-        self.stream: t.Any = None
-        self.last = "teardown_appcontext"
-
-    def stream_popping(self) -> bool:
-        stream = self.stream() if self.stream is not None else None
-        return stream is not None and bool(stream.gi_running)
+# -- the end of the request -------------------------------------------------------
 
 
-def _end_of(scope: Scope) -> _End:
-    # Kept in the scope's adapter slot: it outlives the scope's extras,
-    # for Flask's repeats after the request's teardown ran.
-    end = scope.adapter
-    if end is None:
-        end = scope.adapter = _End()
-    return t.cast(_End, end)
-
-
-def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
+def _end_owner(state: _Request) -> None:
     """The request itself is done (in its own Context): release its hold
     (with no child, the teardown steps run now, and what they raise is
     raised here, as Flask's pop would), watch what outlives it, and leave
     the scope."""
-    token = scope.extras.pop("token", None)
-    in_place_error = scope.extras.pop(_IN_PLACE_ERROR, None)
+    scope = t.cast(Scope, state.scope)
+    state.ended = True
+    token, state.token = state.token, None
+    in_place_error, state.error = state.error, None
+    config = state.config
     try:
         try:
             scope.finish()
@@ -643,9 +902,8 @@ def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
         )
         if token is not None:
             Scope.exit(token)
-
-
-_ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"
+        _leave_pending(state)
+        scope.on_close(_forget, state)  # after the request's teardown steps
 
 
 def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | None) -> None:
@@ -654,44 +912,37 @@ def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | No
     # teardown_request, request.close() and teardown_appcontext, which were
     # deferred when Flask popped the request context. Then the body: what
     # children may still read is captured now, never before the response.
-    scope: Scope | None = environ.get(_ENVIRON_FLASK_SCOPE)
+    state: _Request | None = environ.get(_ENVIRON_STATE)
+    scope = state.scope if state is not None else None
     if scope is None:
-        if close is not None:
-            close()
+        # Never handed off: nothing waits, and nobody can read the body
+        # through geventctx any more (no scope can be made now).
+        if state is not None:
+            state.ended = True
+        try:
+            if close is not None:
+                close()
+        finally:
+            body = environ.get(ENVIRON_BODY)
+            if isinstance(body, SharedBody) and body.owner is None:
+                # Made by a thread's first read (no scope): settled now.
+                body.end_response(children=False)
+                body.release()
         return
-    if not scope.owner_done:
+    state = t.cast(_Request, state)
+    if not state.ended:
         # A stream_with_context response closed before it ran: the request
         # ends with its response.
-        _end_owner(scope, scope.extras["config"])
+        _end_owner(state)
     if close is not None:
         scope.defer(close)
     end_of_response(environ, scope)
 
 
-class _BodyPlan:
-    """How an app's managed request makes its shared body, at its first read
-    or hand-off (kept once per app: it holds the app's config, not the app)."""
-
-    __slots__ = ("config",)
-
-    def __init__(self, config: t.Mapping[str, t.Any]) -> None:
-        self.config = config
-
-    def __call__(self, environ: dict[str, t.Any], request: t.Any) -> SharedBody:
-        config = self.config
-        return share_wsgi_input(
-            environ,
-            lambda: request.max_content_length,
-            memory_limit=config["GEVENTCTX_BODY_MEMORY_LIMIT"],
-            timeout=config["GEVENTCTX_BODY_TIMEOUT"],
-            directory=config["GEVENTCTX_BODY_SPOOL_DIR"],
-            scope=environ.get(_ENVIRON_FLASK_SCOPE),
-            owner=environ.get(_ENVIRON_OWNER),
-        )
-
-
-_PLAN_KEY = "geventctx.body_plan"
-_ENVIRON_OWNER = "geventctx.body_owner"
+def _forget(state: _Request) -> None:
+    # The request's scope is done: keep nothing of the request (no
+    # reference cycle through its contexts; Flask's repeats find it ended).
+    state.ctx = state.app_ctx = state.contexts = state.response = state.late = None
 
 
 def _check_config(config: t.Mapping[str, t.Any]) -> None:

@@ -37,7 +37,7 @@ from .errors import LateEffectWarning
 from .forks import End, Ends, _forks
 from .forks import handoff_context as _handoff_context
 from .forks import run_forks as _run_forks
-from .scope import _SCOPE, Scope
+from .scope import _PENDING, _SCOPE, Scope, scope_for_handoff
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
 
@@ -96,6 +96,8 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     task leaves behind is reported and cancelled when the task returns.
     """
     scope = _SCOPE.get()
+    if scope is None and _PENDING.get() is not None:
+        scope = scope_for_handoff()  # the request's first hand-off makes its scope
     if scope is None:
         check_unmanaged(site)
     elif scope.thread != _get_ident():
@@ -115,8 +117,9 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     if site is None:
         site = helper_site()
+    scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
     context, ends = _handoff_context()
-    bind(child, context, pin_current_scope(site), site, function, ends)
+    bind(child, context, scope, site, function, ends)
 
 
 def bind(
@@ -421,6 +424,8 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
     # The site is read lazily from the stack gevent records for every
     # greenlet (spawning_stack), when a log or the registry asks for it.
     current = _SCOPE.get()
+    if current is None and _PENDING.get() is not None:
+        current = scope_for_handoff()  # the request's first hand-off makes its scope
     if current is not None and current.thread != _get_ident():
         # In another thread (a ThreadPool task): made on the request's hub.
         return _threads.on_owner_hub(current.hub, _spawn_at, caller_site(_getframe(1)), function, args, kwargs)
@@ -468,8 +473,9 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
     hand_over_class(child)
+    scope = pin_current_scope(site)
     context, ends = _handoff_context()
-    bind(child, context, pin_current_scope(site), site, function, ends)
+    bind(child, context, scope, site, function, ends)
     _base_start(child)
     return child
 

@@ -29,7 +29,7 @@ from greenlet import getcurrent
 
 from . import registry
 from ._site import format_site
-from .scope import _SCOPE
+from .scope import _PENDING, _SCOPE
 
 __all__ = ["RequestFilter", "add_request", "request_and_site", "NONE"]
 
@@ -40,6 +40,8 @@ NONE = "-"
 def request_and_site() -> tuple[str, str]:
     """(request label, spawn site) of the running greenlet, ``"-"`` where none."""
     scope = _SCOPE.get()
+    if scope is None:
+        scope = _PENDING.get()  # a request that has not handed off: its adapter's state has its label
     request = (scope.label or NONE) if scope is not None else NONE
     entry = registry.entry_of(getcurrent())
     site = format_site(entry[4]) if entry is not None else NONE

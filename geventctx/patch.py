@@ -48,6 +48,7 @@ from greenlet import getcurrent
 
 from .forks import handoff_context
 from .handoff import Ending
+from .scope import _PENDING, scope_for_handoff
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -66,6 +67,10 @@ def _inherit(child: gevent.Greenlet) -> None:
             # From the hub: an empty context, never the hub's own.
             child.gr_context = Context()
             return
+        if _PENDING.get() is not None:
+            # A request that has not handed off yet: the child sees its
+            # scope as it would have before (and errorlog finds it there).
+            scope_for_handoff()
         context, ends = handoff_context()
         child.gr_context = context
         if ends is not None:

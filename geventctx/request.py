@@ -14,9 +14,10 @@ result (or its error); each greenlet reads ``stream`` and each uploaded file
 from its own position. Werkzeug's form parser reads the body in pieces as
 it arrives and spools large file parts to disk, exactly as it does alone.
 
-The Flask extension builds one subclass per request class
-(:func:`shared_body_request_class`), so the cost is one ``environ`` look-up
-per body access, and nothing for a request that never reads its body.
+The shared body is made by an adapter (the WSGI middleware for every
+request with a body; the Flask extension at a request's first hand-off,
+when it swaps the request's class to a subclass of this one): until then a
+Flask request is plain Werkzeug, and pays nothing here.
 
 .. versionadded:: 0.2
 """
@@ -31,17 +32,7 @@ from gevent.monkey import get_original
 from .body import BODY_GONE, ENVIRON_BODY, SharedBody, SharedFile
 from .errors import BodyReadError
 
-__all__ = ["SharedBodyRequest", "shared_body_request_class", "ENVIRON_BODY_PLAN", "ENVIRON_CLOSE_HOOK"]
-
-#: Where an adapter puts ``plan(environ, request) -> SharedBody``: how to make
-#: the shared body when the request first reads it (made lazily: a request
-#: that never reads pays nothing).
-ENVIRON_BODY_PLAN = "geventctx.body_plan"
-
-#: Where an adapter puts ``hook(request) -> bool``: asked by ``close()``;
-#: ``True`` means the adapter defers the close (it calls :meth:`close_now`
-#: when the request's children are done).
-ENVIRON_CLOSE_HOOK = "geventctx.request_close"
+__all__ = ["SharedBodyRequest", "shared_body_request_class"]
 
 #: What Werkzeug's form parser reads the body for.
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -74,11 +65,6 @@ class SharedBodyRequest:
                 "the request has ended and its body was never read: read it before the response, "
                 "or in a child handed the request's context before the response"
             )
-        if body is None:
-            plan = environ.get(ENVIRON_BODY_PLAN)
-            if plan is None or self.shallow:
-                return None
-            body = plan(environ, self)
         return body if isinstance(body, SharedBody) else None
 
     @property
@@ -125,11 +111,8 @@ class SharedBodyRequest:
         return t.cast(t.IO[bytes], body.cursor())  # the parser's own reader, from the first byte
 
     def close(self) -> None:
-        """Close the uploaded files, now or — for a request an adapter
-        manages — when its children are done."""
-        hook = self.environ.get(ENVIRON_CLOSE_HOOK)
-        if hook is not None and hook(self):
-            return
+        """Close the uploaded files (an adapter's subclass may wait for the
+        request's children: the Flask extension's does)."""
         self.close_now()
 
     def close_now(self) -> None:

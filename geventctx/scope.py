@@ -36,7 +36,7 @@ from greenlet import getcurrent
 from ._threads import get_ident as _get_ident
 from .isolation import RequestContext
 
-__all__ = ["Scope", "current_scope"]
+__all__ = ["Scope", "current_scope", "register_opener", "scope_for_handoff"]
 
 log = logging.getLogger("geventctx")
 
@@ -47,14 +47,58 @@ ENVIRON_SCOPE = "geventctx.scope"
 
 _SCOPE: ContextVar[Scope | None] = ContextVar("geventctx.scope", default=None)
 
+#: Set by an adapter in a request's own Context when the request starts: its
+#: per-request state, whose scope is made at the request's first hand-off
+#: (DESIGN, "Pay for what you use": a request that never hands off makes
+#: none). Data only; what makes the scope is the adapter's registered opener.
+_PENDING: ContextVar[t.Any] = ContextVar("geventctx.pending_scope", default=None)
+
+#: ``opener(pending) -> Scope | None`` by the type of the pending state:
+#: what an adapter registers with this layer (the one way up, as forks).
+Opener = t.Callable[[t.Any, bool], "Scope | None"]
+_openers: dict[type, Opener] = {}
+
+
+def register_opener(kind: type, opener: Opener) -> None:
+    """Make ``opener(state, handoff)`` the way a scope comes into being for a
+    request whose adapter left ``state`` (an instance of ``kind``) pending in
+    the request's Context. Called with ``handoff=True`` at each hand-off
+    until the scope is current (the request's first hand-off: it makes the
+    scope if need be and enters it), with ``False`` by
+    :func:`current_scope` (make it, do not enter it); it returns the scope,
+    or ``None`` (the request ended; not the request's own Context)."""
+    _openers[kind] = opener
+
+
+def _open_pending(handoff: bool) -> Scope | None:
+    pending = _PENDING.get()
+    if pending is None:
+        return None
+    opener = _openers.get(type(pending))
+    return opener(pending, handoff) if opener is not None else None
+
+
+def scope_for_handoff() -> Scope | None:
+    """The current request scope for a hand-off about to be made: made now
+    if the running request has one pending (its first hand-off); ``None``
+    outside a request."""
+    scope = _SCOPE.get()
+    if scope is None:
+        scope = _open_pending(True)
+    return scope
+
 
 def current_scope() -> Scope | None:
     """The request scope active in this greenlet, or ``None`` outside one.
 
     A child handed a request's context sees the request's scope even after
-    the request ended; check :attr:`Scope.closed` for that.
+    the request ended; check :attr:`Scope.closed` for that. In a request
+    that has not handed off yet, asking makes its scope.
     """
-    return _SCOPE.get()
+    scope = _SCOPE.get()
+    if scope is None:
+        scope = _open_pending(False)
+    return scope
 
 
 _every_scope: weakref.WeakSet[Scope]

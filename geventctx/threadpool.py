@@ -149,8 +149,8 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
+        scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
         context, ends = handoff_context()
-        scope = pin_current_scope(site)
         function = func
         if ends is not None:
             # Its own app context (geventctx.forks), torn down in the worker

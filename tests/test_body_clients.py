@@ -863,7 +863,9 @@ def test_capture_after_the_response_obeys_max_content_length(serve, child_reads)
 
 def test_read_of_the_whole_length_is_never_silently_short(serve):
     # request.stream.read(request.content_length): the client sends 300 of
-    # 1000 bytes and leaves. An error, as pywsgi alone gives, not 300 bytes.
+    # 1000 bytes and leaves. An error, as pywsgi alone gives, not 300 bytes
+    # (a request that never hands off reads as plain Werkzeug: pywsgi's own
+    # OSError; through the shared body, ClientDisconnected).
     app, notes = flask_app()
 
     @app.post("/exact")
@@ -879,7 +881,7 @@ def test_read_of_the_whole_length_is_never_silently_short(serve):
     gevent.sleep(0.1)
     client.close()
     wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
-    assert isinstance(notes.results["read"], ClientDisconnected), notes.results
+    assert isinstance(notes.results["read"], (ClientDisconnected, OSError)), notes.results
 
 
 def test_child_of_a_request_killed_before_it_read_the_body_gets_an_error_not_a_short_body(serve, gates):

@@ -94,7 +94,7 @@ def test_a_thread_pool_worker_keeps_nothing_of_the_last_tasks_context():
 
     def request() -> tuple[str, int]:
         MARK.set("request-1")
-        holder.set(held)
+        holder.set(held)  # noqa: F821 (a closure cell; deleted below, on purpose)
         return threads.apply(in_request)
 
     try:
