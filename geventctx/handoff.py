@@ -223,11 +223,17 @@ class Ending:
         try:
             result = self.function(*args, **kwargs)
         except BaseException as error:
-            if ends is not None:
-                run_ends(ends, error, self.site)
+            try:
+                if ends is not None:
+                    run_ends(ends, error, self.site)
+            finally:
+                _release_at_end(getcurrent())
             raise
-        if ends is not None:
-            run_ends(ends, None, self.site)
+        try:
+            if ends is not None:
+                run_ends(ends, None, self.site)
+        finally:
+            _release_at_end(getcurrent())
         return result
 
     def never_ran(self, child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
@@ -250,6 +256,43 @@ class Ending:
     def __getattr__(self, name: str) -> t.Any:
         # gevent's repr and others read the function's __name__, __self__.
         return getattr(self.function, name)
+
+
+class _Releasing:
+    """The function of a child that holds a request scope and has no ends:
+    at its end, in the child, it gives its hold back (:func:`_release_at_end`)."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: t.Callable[..., t.Any]) -> None:
+        self.function = function
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            _release_at_end(getcurrent())
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.function, name)
+
+
+def _release_at_end(child: t.Any) -> None:
+    """The rule for a child's hold: a geventctx greenlet that ran gives its
+    hold on its request back at its own end, in its greenlet, once its
+    function (and its ends) returned or raised — unless it is the last
+    holder: the request's end (its teardown steps) then runs where it did,
+    from the child's link, in a greenlet of its own (not killable through
+    the child, not delaying the child's result). A child given back here
+    drops that link: no hub callback per child (P4). One that never ran is
+    released by its link (:func:`_finished`)."""
+    scope = getattr(child, "_geventctx_scope", None)
+    if scope is None or scope._holders <= 1 or getattr(child, "_geventctx_started", None) is None:
+        return
+    child._geventctx_started = None
+    child.unlink(_finished)
+    scope.children.pop(id(child), None)
+    scope.release()
 
 
 def _kill_of(child: t.Any) -> BaseException | None:
@@ -446,10 +489,12 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         _unscoped[id(child)] = _ref(child)
     # forks.handoff_context(), inlined (P1: a call less per spawn).
     context = copy_context()
-    if _forks:
-        ends = context.run(_run_forks)
-        if ends is not None:
-            child._run = child._geventctx_ending = Ending(function, ends, context, child._geventctx_site)
+    ends = context.run(_run_forks) if _forks else None
+    if ends is not None:
+        child._run = child._geventctx_ending = Ending(function, ends, context, child._geventctx_site)
+    elif scope is not None:
+        # Gives its hold back at its own end (P4: no link callback per child).
+        child._run = _Releasing(function)
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function

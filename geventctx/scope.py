@@ -25,7 +25,7 @@ import logging
 import time
 import typing as t
 import weakref
-from contextvars import Context, ContextVar, Token
+from contextvars import ContextVar, Token
 
 import gevent
 from gevent import get_hub
@@ -314,9 +314,9 @@ class Scope:
             # The last holder left from a link callback in the hub, where
             # callbacks must not block: run them in a greenlet of their own
             # (it enters the request's Context).
-            runner = gevent.Greenlet(self.home.call, self._run_callbacks)
-            runner.gr_context = Context()
-            runner.start()
+            # (A raw greenlet, in an empty Context of its own: no links, no
+            # spawning stack, one callback; P4.)
+            gevent.spawn_raw(self.home.call, self._run_callbacks)
         else:
             self.home.call(self._run_callbacks)
 
