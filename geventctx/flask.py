@@ -95,7 +95,6 @@ from .body import (
     ENVIRON_BODY,
     SharedBody,
     SharedFile,
-    end_of_response,
     has_body,
     share_wsgi_input,
 )
@@ -103,6 +102,7 @@ from .child_appcontext import fork_g, forked_g, unfork_g
 from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
 from .request import SharedBodyRequest
+from .request_end import owner_ended, response_closed
 from .scope import _PENDING, ENVIRON_SCOPE, Scope, register_opener
 
 __all__ = ["GeventContext", "DEFAULTS", "fork_g", "unfork_g", "forked_g"]
@@ -878,30 +878,17 @@ def _defer_request_close(request: t.Any) -> bool:
 
 
 def _end_owner(state: _Request) -> None:
-    """The request itself is done (in its own Context): release its hold
-    (with no child, the teardown steps run now, and what they raise is
-    raised here, as Flask's pop would), watch what outlives it, and leave
-    the scope."""
+    """The request itself is done (in its own Context): the one end path
+    (:func:`geventctx.request_end.owner_ended`), then nothing of it stays
+    pending."""
     scope = t.cast(Scope, state.scope)
     state.ended = True
     token, state.token = state.token, None
-    in_place_error, state.error = state.error, None
+    error, state.error = state.error, None
     config = state.config
     try:
-        try:
-            scope.finish()
-        except BaseException:
-            if in_place_error is None:
-                raise
-        if in_place_error is not None:
-            raise in_place_error  # the first error of the request's teardown
+        owner_ended(scope, token, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"], error)
     finally:
-        # After the finish: a child spawned by a teardown function counts.
-        stragglers.outliving_response(
-            scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
-        )
-        if token is not None:
-            Scope.exit(token)
         _leave_pending(state)
         scope.on_close(_forget, state)  # after the request's teardown steps
 
@@ -934,9 +921,7 @@ def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | No
         # A stream_with_context response closed before it ran: the request
         # ends with its response.
         _end_owner(state)
-    if close is not None:
-        scope.defer(close)
-    end_of_response(environ, scope)
+    response_closed(scope, environ, close)
 
 
 def _forget(state: _Request) -> None:

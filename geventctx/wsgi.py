@@ -40,8 +40,9 @@ import typing as t
 from contextvars import Token
 
 from . import errorlog, stragglers
-from .body import BODY_MODES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, end_of_response, has_body, share_wsgi_input
+from .body import BODY_MODES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, has_body, share_wsgi_input
 from .isolation import IsolatedApp
+from .request_end import owner_ended, response_closed
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["ContextMiddleware"]
@@ -164,12 +165,11 @@ class _RequestEnd:
         if token is None:
             return  # WSGI servers call close() once; be safe anyway
         scope = self._scope
-        Scope.exit(token)
         close = getattr(self._result, "close", None)
-        scope.finish()
-        stragglers.outliving_response(scope, self._owner.straggler_timeout, self._owner.straggler_policy)
-        if close is not None:
-            scope.defer(close)
-        # The response was written: capture the body children may still
-        # read, then leave the server's input in step (or close it).
-        end_of_response(self._environ, scope)
+        # The one end path (geventctx.request_end), as the Flask extension's.
+        try:
+            owner_ended(scope, token, self._owner.straggler_timeout, self._owner.straggler_policy)
+        finally:
+            # The response was written: capture the body children may still
+            # read, then leave the server's input in step (or close it).
+            response_closed(scope, self._environ, close)
