@@ -26,6 +26,7 @@ import typing as t
 import warnings
 import weakref
 from contextvars import Context, copy_context
+from functools import partial
 
 import gevent
 from greenlet import getcurrent, greenlet
@@ -33,6 +34,7 @@ from greenlet import getcurrent, greenlet
 from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
 from ._site import Site, format_site, site_of
+from ._steps import run_every
 from .errors import LateEffectWarning
 from .forks import End, Ends, _forks
 from .forks import handoff_context as _handoff_context
@@ -309,24 +311,27 @@ def run_ends(ends: End, error: BaseException | None, site: t.Any) -> None:
     ``error``; then raise the first BaseException one raised (an
     ``Exception`` is logged with the spawn site ``site``,
     :data:`registry.LAZY_SITE` for the running greenlet's own)."""
-    failure: BaseException | None = None
     several: t.Any = ends
-    for end in several if type(several) is Ends else (ends,):
+
+    def logged(_exc: BaseException) -> None:
+        nonlocal site
+        if site is _LAZY_SITE:
+            site = registry.site_of_child(getcurrent())
+        scope = _SCOPE.get()
+        errorlog.log.exception(
+            "the end of the hand-off started at %s%s failed; the child's result stands",
+            format_site(site),
+            f" in {scope.label}" if scope is not None and scope.label else "",
+        )
+
+    if type(several) is not Ends:
+        # One end (the common case, P1): no list, no closure per end.
         try:
-            end(error)
-        except Exception:
-            if site is _LAZY_SITE:
-                site = registry.site_of_child(getcurrent())
-            scope = _SCOPE.get()
-            errorlog.log.exception(
-                "the end of the hand-off started at %s%s failed; the child's result stands",
-                format_site(site),
-                f" in {scope.label}" if scope is not None and scope.label else "",
-            )
-        except BaseException as exc:
-            failure = failure or exc
-    if failure is not None:
-        raise failure
+            ends(error)
+        except Exception as exc:
+            logged(exc)
+        return
+    run_every([partial(end, error) for end in several], logged)
 
 
 def end_now_if_never_ran(child: t.Any) -> None:

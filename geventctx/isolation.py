@@ -44,9 +44,12 @@ import logging
 import typing as t
 import weakref
 from contextvars import Context, ContextVar, copy_context
+from functools import partial
 from itertools import repeat
 
 from greenlet import getcurrent
+
+from ._steps import run_every
 
 __all__ = ["IsolatedApp", "IsolatedResponse", "RequestContext", "own_environ", "after_close", "ENVIRON_CONTEXT"]
 
@@ -199,17 +202,12 @@ class RequestContext:
     def _run_pending(self) -> None:
         # Each runs once; an exception from one does not stop the others.
         pending = self._pending
-        failure: BaseException | None = None
-        while pending:
-            function = pending.pop(0)
-            try:
-                self.enter(function)
-            except Exception:
-                log.exception("a teardown step of a request failed")
-            except BaseException as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
+
+        def due() -> t.Iterator[t.Callable[[], t.Any]]:
+            while pending:
+                yield partial(self.enter, pending.pop(0))
+
+        run_every(due(), lambda _exc: log.exception("a teardown step of a request failed"))
 
     def __repr__(self) -> str:
         return f"<RequestContext {'busy' if self._inside else 'idle'} pending={len(self._pending)}>"
