@@ -516,12 +516,21 @@ class _Teardown:
         if state is None or (state.scope is None and state.ended):
             original(*args, **kwargs)  # not a managed request, or after its end: Flask's own call
             return
-        if state.scope is None:
-            # Never handed off: Flask's own call, in place; what it raises
-            # is raised at the request's end (after every later call ran).
-            kind = "teardown_request" if self._request else "teardown_appcontext"
+        scope = state.scope
+        kind = "teardown_request" if self._request else "teardown_appcontext"
+        if scope is None or (
+            kind not in state.steps and state.stream is None and not scope.done and scope.idle
+        ):
+            # Never handed off, or nothing waits (no child holds the request,
+            # no step is deferred, no stream is to run): Flask's own call, in
+            # place; what it raises is raised at the request's end (after
+            # every later call ran). _take_over()'s first case, inlined (P4).
             if self._request:
                 state.late.sealed = True
+                if scope is not None:
+                    body = state.ctx.request.environ.get(ENVIRON_BODY)
+                    if isinstance(body, SharedBody):
+                        body.settle_limits()  # see _teardown_request
             state.steps[kind] = _RAN_IN_PLACE
             try:
                 original(*args, **kwargs)

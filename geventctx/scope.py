@@ -122,7 +122,6 @@ class Scope:
         "response_started",
         "extras",
         "parent",
-        "on_handoff",
         "home",
         "_running",
         "children",
@@ -166,9 +165,6 @@ class Scope:
         #: An enclosing scope this one holds until it has closed (a Flask
         #: request inside the WSGI middleware's request), or ``None``.
         self.parent: Scope | None = None
-        #: Called (with no arguments) when a hand-off acquires the scope, if
-        #: set; adapters use it to act at the first hand-off of a request.
-        self.on_handoff: t.Callable[[], None] | None = None
         #: What the adapter that made the scope keeps of it beyond its end
         #: (unlike :attr:`extras`, not cleared when the scope is done).
         self.adapter: t.Any = None
@@ -206,20 +202,13 @@ class Scope:
         return True
 
     def acquire_for_handoff(self) -> bool:
-        """:meth:`acquire` for a child about to start, running :attr:`on_handoff`.
-
-        If the hook is interrupted (it may block: the "buffer" body read),
-        the hold is given back: no hand-off happens, so none may keep it.
-        """
+        """:meth:`acquire` for a child about to start. (What an adapter does
+        at a request's first hand-off is its registered opener's work, done
+        before: :func:`scope_for_handoff`; nothing is stored on the scope
+        to call back up a layer.)"""
         if self._holders <= 0:
             return False
         self._holders += 1
-        if self.on_handoff is not None:
-            try:
-                self.on_handoff()
-            except BaseException:
-                self.release()
-                raise
         return True
 
     def release(self) -> None:
@@ -362,7 +351,6 @@ class Scope:
         # What adapters kept for the request (its contexts, its response)
         # goes now: nothing of the request outlives it in a reference cycle.
         self.extras.clear()
-        self.on_handoff = None
         if self._closed_event is not None:
             self._closed_event.set()
         parent, self.parent = self.parent, None

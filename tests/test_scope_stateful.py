@@ -37,7 +37,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     consumes,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -229,27 +228,6 @@ class ScopeLifecycle(RuleBasedStateMachine):
             assert self.scope.holders >= 1
         child.kill()  # before it ever ran
         assert child.dead and not ran
-
-    @precondition(lambda self: not self.scope.closed)
-    @rule()
-    def handoff_interrupted(self) -> None:
-        # The hook adapters run at a hand-off (the "buffer" body read) is
-        # interrupted (gevent.Timeout, a kill): the child never starts and
-        # the hold the hand-off took is given back.
-        holders = self.scope.holders
-
-        def interrupted() -> None:
-            raise gevent.Timeout()
-
-        self.scope.on_handoff = interrupted
-        child = geventctx.Greenlet(child_loop, Queue())
-        try:
-            with pytest.raises(gevent.Timeout):
-                child.start()
-        finally:
-            self.scope.on_handoff = None
-        assert not child and not child.dead  # never started
-        assert self.scope.holders == holders and registry.record_of(child) is None
 
     @rule(twice=st.booleans())
     def request_ends(self, twice: bool) -> None:
