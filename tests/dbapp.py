@@ -425,7 +425,9 @@ def ccrc_map(uid: int) -> t.Any:
     user = db.session.get(User, uid)
 
     def title(sid: int) -> dict[str, t.Any]:
-        return {"title": fsa_title(sid), "session": id(db.session())}
+        # The Session object itself, kept alive until the view compares them:
+        # an id compared after the object was freed can be reused.
+        return {"title": fsa_title(sid), "session": db.session()}
 
     # One copy per child: a copied request context pushed by two greenlets
     # at once pops the other's token (Flask's own limit).
@@ -434,7 +436,7 @@ def ccrc_map(uid: int) -> t.Any:
     seen = [child.value for child in children]
     return jsonify(
         user=user.name, titles=[s["title"] for s in seen],
-        sessions=[s["session"] for s in seen], view_session=id(db.session()),
+        sessions=[id(s["session"]) for s in seen], view_session=id(db.session()),
     )
 
 

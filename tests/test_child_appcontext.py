@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import traceback
 import typing as t
 
 import flask
@@ -234,7 +235,9 @@ def test_a_failing_child_teardown_is_logged_with_the_spawn_site_and_keeps_the_re
 
     with caplog.at_level(logging.ERROR, logger="geventctx"), app.app_context():
         assert geventctx.spawn(child).get(timeout=WAIT) == "result"  # SPAWN-SITE
-    (record,) = [r for r in caplog.records if "teardown failed" in str(r.exc_info[1] if r.exc_info else "")]
+    # Flask 3.2 gathers teardown errors into an ExceptionGroup: look at the whole traceback.
+    (record,) = [r for r in caplog.records if r.exc_info and "teardown failed" in "".join(
+        traceback.format_exception(*r.exc_info))]
     assert "test_child_appcontext.py" in record.getMessage() and "the child's result stands" in record.getMessage()
 
 
@@ -310,8 +313,14 @@ def test_copy_current_request_context_children_under_patch_get_their_own_app_con
         return "ok"
 
     assert serve(app).request("GET", "/").body == b"ok"
-    assert seen == [(False, "view", "/")]
-    wait_for(lambda: len(torn) == 2, WAIT, "the child's and the request's teardown")
+    # Flask 3.2's copy is a whole new context with a g of its own (Flask's
+    # rule); on 2.3-3.1 the copied request context uses the child's own.
+    assert seen == [(False, None if compat.MERGED else "view", "/")]
+    # Flask 3.2's copy is a context of its own, which Flask tears down too.
+    expected = 3 if compat.MERGED else 2
+    wait_for(lambda: len(torn) == expected, WAIT, "the child's and the request's teardown")
+    settle()
+    assert len(torn) == expected
 
 
 def test_a_name_registered_for_forking_is_a_copy_in_each_child():
