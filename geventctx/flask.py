@@ -85,7 +85,7 @@ from greenlet import getcurrent
 from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
-from . import errorlog, stragglers
+from . import _greenlet_locals, errorlog, stragglers
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
     BODY_MODES,
@@ -98,7 +98,7 @@ from .body import (
     share_wsgi_input,
 )
 from .child_appcontext import fork_g, forked_g, unfork_g
-from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
+from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
 from .scope import ENVIRON_SCOPE, Scope
@@ -637,12 +637,32 @@ def _end_owner(scope: Scope, config: t.Mapping[str, t.Any]) -> None:
         if in_place_error is not None:
             raise in_place_error  # the first error of the request's teardown
     finally:
+        if not scope.done:
+            _warn_left_sessions(scope)
         # After the finish: a child spawned by a teardown function counts.
         stragglers.outliving_response(
             scope, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"]
         )
         if token is not None:
             Scope.exit(token)
+
+
+def _warn_left_sessions(scope: Scope) -> None:
+    """The request's teardown will run after its children, in another
+    greenlet: a ``scoped_session`` with the default (greenlet-local) scope
+    cannot release what this greenlet holds there, and the next request on
+    this keep-alive connection would reuse it (DESIGN G4). Say so, once per
+    line of the warning, where geventctx can see it: in this greenlet, now."""
+    if _greenlet_locals.left_sessions(getcurrent()):
+        warnings.warn(
+            f"{scope.label}: a child outlives the view, so teardown_appcontext runs later in another "
+            "greenlet, and a greenlet-local SQLAlchemy scoped_session of this greenlet will not be "
+            "removed there (the next request on this connection would reuse it): key the "
+            "scoped_session on the app context, scopefunc=lambda: id(flask.globals.app_ctx._get_current_object()) "
+            "(docs: Databases and other resources in children)",
+            MisuseWarning,
+            stacklevel=2,
+        )
 
 
 _ENVIRON_FLASK_SCOPE = "geventctx.flask.scope"

@@ -282,6 +282,15 @@ def scoped_map(name: str, uid: int) -> t.Any:
     return jsonify(user=user, titles=titles)
 
 
+@app.get("/<any(scoped_app, scoped_default):name>/outlived/<int:uid>")
+def scoped_outlived(name: str, uid: int) -> t.Any:
+    # The view uses the session, a child outlives it: the request's teardown
+    # runs after the child, in another greenlet.
+    user = SCOPED[name]().execute(NAME_SQL, {"id": uid}).scalar_one()
+    geventctx.spawn(gevent.sleep, 10 * REMOTE_CALL)
+    return jsonify(user=user)
+
+
 @app.post("/scoped_app/audit/<tag>")
 def scoped_app_audit(tag: str) -> t.Any:
     user = scoped_app().execute(NAME_SQL, {"id": int(request.args["uid"])}).scalar_one()
