@@ -139,12 +139,13 @@ def bind(
     """
     if isinstance(child, greenlet):
         child.gr_context = context
+        ending = None
         if ends is not None:
             ending = child._run = Ending(child._run, ends, context, site)
-            if isinstance(child, Greenlet):
-                child._geventctx_ending = ending  # _finished looks
-            else:
+            if not isinstance(child, Greenlet):
                 child.rawlink(ending.never_ran)
+        if isinstance(child, Greenlet):
+            child._geventctx_ending = ending  # _finished looks (a set slot: no getattr default)
         if scope is None:
             _note_thread_child(child)
     if isinstance(child, Greenlet):
@@ -169,7 +170,7 @@ def _finished(child: gevent.Greenlet) -> None:
         # A geventctx greenlet: its record is its slots.
         child._geventctx_started = None
         scope = child._geventctx_scope
-        ending = getattr(child, "_geventctx_ending", None)
+        ending = child._geventctx_ending
         if ending is not None:
             child._geventctx_ending = None
         if scope is None:
@@ -446,10 +447,12 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         _unscoped[id(child)] = _ref(child)
     # forks.handoff_context(), inlined (P1: a call less per spawn).
     context = copy_context()
+    ending = None
     if _forks:
         ends = context.run(_run_forks)
         if ends is not None:
-            child._run = child._geventctx_ending = Ending(function, ends, context, child._geventctx_site)
+            ending = child._run = Ending(function, ends, context, child._geventctx_site)
+    child._geventctx_ending = ending  # always set: _finished reads the slot without a default
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function
