@@ -210,14 +210,6 @@ def _own_view(g: t.Any) -> t.Any:
     return view
 
 
-def _new_g(parent_g: t.Any, g_class: type) -> t.Any:
-    """A child's ``g``: an instance of ``g_class`` reading through to ``parent_g``."""
-    g: t.Any = _new_object(g_class)
-    _set_parent(g, parent_g)
-    _set_hidden(g, None)
-    return g
-
-
 class ChildAppContext(AppContext):
     """A child's own app context (see the module's rule). Made by the
     hand-off's fork, never pushed; torn down when called (it is the fork's
@@ -256,7 +248,11 @@ class ChildAppContext(AppContext):
         if g is None:
             parent_g = self._geventctx_parent_g
             base: t.Any = type(parent_g)
-            g = self._geventctx_g = _new_g(parent_g, _child_g_class(getattr(base, "_geventctx_base", base)))
+            base = getattr(base, "_geventctx_base", base)
+            g_class = _child_classes.get(base) or _child_g_class(base)
+            g = self._geventctx_g = _new_object(g_class)
+            _set_parent(g, parent_g)
+            _set_hidden(g, None)
         return g
 
     @g.setter
@@ -320,7 +316,7 @@ def _fork_app_context() -> forks.End | None:
     parent_g = parent.g
     _set_parent_g(child, parent_g)
     _set_own_g(child, None)  # made on first use (the g property)
-    if _forked_g:
+    if _forked_g and (isinstance(parent_g, _ReadThrough) or not _forked_g.keys().isdisjoint(parent_g.__dict__)):
         own = _forked_names(parent_g)
         if own is not None:
             g = child.g

@@ -175,12 +175,12 @@ def _finished(child: gevent.Greenlet) -> None:
             child._geventctx_ending = None
         if scope is None:
             _unscoped.pop(id(child), None)
-            if ending is not None:
+            if ending is not None and ending.ends is not None:
                 ending.never_ran(child)
         else:
             scope.children.pop(id(child), None)
             # One that never ran holds the request until its ends ran.
-            if ending is None or not ending.never_ran(child, scope.release):
+            if ending is None or ending.ends is None or not ending.never_ran(child, scope.release):
                 scope.release()
         return
     entry = _pop(id(child), None)
