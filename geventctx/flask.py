@@ -12,7 +12,7 @@ the pools, the executor):
 
 - sees the parent's ``request``, ``session`` and ``current_app`` objects,
   not copies, in an app context of its own whose ``g`` reads through to
-  the view's (G3; :mod:`geventctx.child_appcontext` states the rule);
+  the view's (G3; :mod:`geventctx._flask_appcontext` states the rule);
 - has its own app context torn down when it ends, and delays the request's
   ``teardown_request``, ``request.close()`` and ``teardown_appcontext``
   until it ends; they run once, in Flask's order, with the view's
@@ -97,7 +97,7 @@ from .body import (
     has_body,
     share_wsgi_input,
 )
-from .child_appcontext import fork_g, forked_g, unfork_g
+from ._flask_appcontext import fork_g, forked_g, unfork_g
 from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
