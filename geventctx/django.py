@@ -163,6 +163,16 @@ forks.register(_fork_django)
 # -- the request: one body consumer at a time ---------------------------------------------
 
 
+class _Turn(RLock):
+    """The body lock of one request; a copy of the request gets its own."""
+
+    def __deepcopy__(self, memo: dict[int, t.Any]) -> _Turn:
+        return _Turn()
+
+    def __copy__(self) -> _Turn:
+        return _Turn()
+
+
 class WSGIRequest(_DjangoWSGIRequest):
     """Django's ``WSGIRequest`` whose body consumers take turns (see the
     module's rule). Under the shared body, the request's stream reads
@@ -181,13 +191,14 @@ class WSGIRequest(_DjangoWSGIRequest):
                 length = int(environ.get("CONTENT_LENGTH") or 0)
             except ValueError:
                 length = 0
-            self._stream = type(self._stream)(shared.cursor(), length)
-        self._geventctx_turn = RLock()
+            stream: t.Any = self.__dict__["_stream"]
+            self._stream = type(stream)(shared.cursor(), length)
+        self._geventctx_turn = _Turn()
 
-    @property  # type: ignore[misc]
+    @property
     def body(self) -> bytes:
         with self._geventctx_turn:
-            return t.cast(bytes, _DjangoWSGIRequest.body.fget(self))  # type: ignore[attr-defined]
+            return t.cast(bytes, _DjangoWSGIRequest.body.fget(self))
 
     def _load_post_and_files(self) -> None:
         with self._geventctx_turn:
@@ -201,7 +212,7 @@ class WSGIRequest(_DjangoWSGIRequest):
                     self._load_post_and_files()
         return self._post
 
-    POST = property(_get_post, _DjangoWSGIRequest._set_post)  # type: ignore[assignment]
+    POST = property(_get_post, _DjangoWSGIRequest._set_post)
 
     @property
     def FILES(self) -> t.Any:  # noqa: N802 (Django's name)
@@ -223,26 +234,11 @@ class WSGIRequest(_DjangoWSGIRequest):
 # -- the handler ----------------------------------------------------------------------
 
 
-class _Response:
-    """Django's response, closed (resource closers, ``request_finished``)
-    with the request's Django state owned by the greenlet that closes it."""
-
-    __slots__ = ("response",)
-
-    def __init__(self, response: t.Any) -> None:
-        self.response = response
-
-    def __iter__(self) -> t.Iterator[bytes]:
-        return iter(self.response)
-
-    def close(self) -> None:
-        _rehome()
-        self.response.close()
-
-
 class WSGIHandler(_DjangoWSGIHandler):
     """Django's WSGI handler with :class:`WSGIRequest` as its request class;
-    warns where a trap is visible (see the module's rule).
+    the response it returns re-homes the request's Django state to the
+    greenlet that closes it, first; warns where a trap is visible (see the
+    module's rule).
 
     .. versionadded:: 0.2
     """
@@ -255,7 +251,12 @@ class WSGIHandler(_DjangoWSGIHandler):
             self._geventctx_checked = True
             check_import_order()
         check_no_event_loop()
-        return _Response(super().__call__(environ, start_response))
+        response = super().__call__(environ, start_response)
+        # Its close() (resource closers, request_finished) may run in the
+        # greenlet that ended last: that greenlet owns the request's Django
+        # state first.
+        compat.close_first(response, _rehome)
+        return response
 
 
 class DjangoMiddleware(ContextMiddleware):
