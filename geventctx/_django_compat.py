@@ -41,12 +41,15 @@ import threading
 import typing as t
 from contextvars import ContextVar
 
-try:  # asgiref 3.12+ (read from 3.12.0 and 3.13.0)
-    from asgiref.local import _Storage
-except ImportError:  # asgiref 3.11 and earlier: the storage is a dict
-    _Storage = None
+import asgiref.local
 
-__all__ = ["state_vars", "cache_var", "connection_storage", "HOMED"]
+#: ``asgiref.local._Storage`` (3.12+, read from 3.12.0 and 3.13.0); ``None``
+#: on 3.11 and earlier, whose storage is a dict.
+_Storage: t.Any = getattr(asgiref.local, "_Storage", None)
+
+__all__ = [
+    "state_vars", "cache_var", "connection_storage", "close_first", "for_child", "empty_like", "rehomed", "HOMED",
+]
 
 #: True where asgiref keys its storage on the thread (3.12+).
 HOMED = _Storage is not None
@@ -144,6 +147,15 @@ def empty_like(value: t.Any) -> t.Any:
     if type(value) is dict:
         return {}
     return value
+
+
+def close_first(response: t.Any, function: t.Callable[[], None]) -> None:
+    """Run ``function()`` first when ``response`` is closed: the first of
+    its ``_resource_closers`` (Django 3.0 to 5.2; a response without them,
+    a file wrapper's, is left alone)."""
+    closers = getattr(response, "_resource_closers", None)
+    if isinstance(closers, list):
+        closers.insert(0, function)
 
 
 def rehomed(value: t.Any) -> t.Any:
