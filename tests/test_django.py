@@ -130,6 +130,24 @@ def test_a_child_sees_the_views_language_timezone_prefix_and_urlconf_and_keeps_i
     assert child["seen"]["cache"] != view["cache"] and got["sibling"]["cache"] != view["cache"]
 
 
+def test_without_the_adapter_a_childs_django_state_is_wrong_on_this_asgiref(server: t.Any) -> None:
+    # The "before" figure, for the asgiref installed: 3.12+ hides the view's
+    # state from its children; 3.8 lets a child's activate() change the
+    # view's; 3.9-3.11 hand the view's cache clients to its children.
+    import asgiref
+
+    proc = start(server, "pywsgi", adapter=False)
+    got = call(proc, "GET", "/state").json()
+    version = tuple(int(part) for part in asgiref.__version__.split(".")[:2])
+    print(f"asgiref {asgiref.__version__}, Django's own handler: view {got['view']}, child saw {got['child']['seen']}")
+    if version >= (3, 12):
+        assert got["child"]["seen"]["language"] != "de" and got["child"]["seen"]["prefix"] != "/mount/"
+    elif version <= (3, 8):
+        assert got["view_after"]["language"] == "fr"
+    else:
+        assert got["child"]["seen"]["cache"] == got["view"]["cache"]
+
+
 # -- the body: one consumer at a time -------------------------------------------------------
 
 FORM = b"name=ada&city=london"
