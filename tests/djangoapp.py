@@ -38,10 +38,11 @@ def db_view(request: HttpRequest) -> HttpResponse:
     """A view query, then ``children`` children that each query (half
     joined, half left running past the response), and one ThreadPool task."""
     children = int(request.GET.get("children", "2"))
+    linger = float(request.GET.get("linger", "0.2"))
     _query()
     joined = [geventctx.spawn(_query, 0.01) for _ in range(children // 2)]
     for _ in range(children - children // 2):
-        geventctx.spawn(_query, 0.2)
+        geventctx.spawn(_query, linger)
     gevent.joinall(joined, raise_error=True)
     if request.GET.get("thread") == "1":
         pool = _thread_pool()
@@ -135,6 +136,13 @@ def asyncio_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse("started")
 
 
+def pool_view(request: HttpRequest) -> HttpResponse:
+    """The stats of Django's connection pool (``DJANGOAPP_POOL=1``)."""
+    pool = connection.pool
+    pool.check()  # drops broken connections, so the stats say what is usable
+    return JsonResponse(pool.get_stats())
+
+
 def ping(request: HttpRequest) -> HttpResponse:
     return HttpResponse("pong")
 
@@ -144,6 +152,7 @@ urlpatterns = [
     path("state", state_view, name="state"),
     path("body", body_view),
     path("asyncio", asyncio_view),
+    path("pool", pool_view),
     path("ping", ping),
 ]
 

@@ -1,5 +1,6 @@
 """Settings of tests/djangoapp.py (``DJANGOAPP_DB``: ``name:port`` of a
-database of the private PostgreSQL cluster, through psycopg 3)."""
+database of the private PostgreSQL cluster, through psycopg 3;
+``DJANGOAPP_POOL=1``: through Django's connection pool, 16 at most)."""
 
 import os
 import typing as t
@@ -12,6 +13,9 @@ if os.environ.get("DJANGOAPP_DB"):
         "HOST": "127.0.0.1", "PORT": _port, "CONN_MAX_AGE": 0,
         "OPTIONS": {"application_name": "djangoapp"},
     }
+    if os.environ.get("DJANGOAPP_POOL") == "1":
+        # Django's own connection pool (psycopg_pool), small on purpose.
+        DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": 16, "timeout": 2}
 
 DEBUG = False
 SECRET_KEY = "geventctx-tests"

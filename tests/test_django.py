@@ -60,8 +60,8 @@ def database(postgres: Cluster) -> str:
     return f"{name}:{postgres.port}"
 
 
-def run_load(proc: ServerProcess, path: str) -> None:
-    pool = gevent.pool.Pool(10)
+def run_load(proc: ServerProcess, path: str, concurrency: int = 10) -> None:
+    pool = gevent.pool.Pool(concurrency)
     responses = pool.map(lambda _: call(proc, "GET", path), range(REQUESTS))
     assert len(responses) == REQUESTS
 
@@ -100,6 +100,55 @@ def test_without_the_adapter_children_leave_their_connections_open(server: t.Any
     left = open_backends(postgres, db)
     print(f"pywsgi, Django's own handler: {left} backends open after {REQUESTS} requests x {CHILDREN} children")
     assert left > 0
+
+
+def needs_djangos_pool() -> None:
+    import django
+
+    pytest.importorskip("psycopg_pool")
+    if django.VERSION < (5, 1):
+        pytest.skip("Django's connection pool is new in Django 5.1")
+
+
+@pytest.mark.parametrize("kind", ["pywsgi", "gunicorn"])
+def test_djangos_connection_pool_stays_healthy_when_children_query(
+    kind: str, server: t.Any, postgres: Cluster
+) -> None:
+    needs_djangos_pool()
+    db = database(postgres)
+    proc = start(server, kind, db, DJANGOAPP_POOL="1")
+    # Sized so the pool suffices when each greenlet gives its connection
+    # back: 2 requests at once, each the view, 4 children and a thread task.
+    run_load(proc, f"/db?children={CHILDREN}&thread=1&linger=0.05", concurrency=2)
+
+    def healthy() -> bool:
+        stats = call(proc, "GET", "/pool").json()
+        return bool(stats["pool_available"] == stats["pool_size"] and not stats.get("requests_waiting"))
+
+    try:
+        wait_for(healthy, SETTLE, "every pooled connection back")
+    except AssertionError:
+        pass
+    stats = call(proc, "GET", "/pool").json()
+    assert stats["pool_available"] == stats["pool_size"], f"{stats}{proc.context()}"
+    assert not stats.get("requests_errors"), f"{stats}{proc.context()}"
+    assert "couldn't get a connection" not in proc.output(), proc.context()
+    assert open_backends(postgres, db) <= 16
+    call(proc, "GET", f"/db?children={CHILDREN}")  # and it serves on
+
+
+def test_without_the_adapter_djangos_pool_runs_dry(server: t.Any, postgres: Cluster) -> None:
+    # The "before" figure: children never give their pooled connection back.
+    needs_djangos_pool()
+    db = database(postgres)
+    proc = start(server, "pywsgi", db, adapter=False, DJANGOAPP_POOL="1")
+    pool = gevent.pool.Pool(2)
+    path = f"/db?children={CHILDREN}&linger=0.05"
+    statuses = pool.map(lambda _: t.cast(Response, http_request(proc.port, "GET", path)).status, range(REQUESTS))
+    failed_children = proc.output().count("couldn't get a connection")
+    print(f"pywsgi, Django's own handler, pool of 16: {sum(s != 200 for s in statuses)} of {REQUESTS} views failed, "
+          f"{failed_children} pool timeouts logged")
+    assert any(status != 200 for status in statuses) or failed_children
 
 
 # -- Django's state follows the view --------------------------------------------------------
