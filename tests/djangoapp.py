@@ -20,6 +20,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangosettings")
 
 import gevent  # noqa: E402
 from django.core.cache import caches  # noqa: E402
+from django.core.cache.backends.locmem import LocMemCache  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.urls import get_script_prefix, get_urlconf, path, reverse, set_script_prefix, set_urlconf  # noqa: E402
@@ -143,6 +144,35 @@ def pool_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse(pool.get_stats())
 
 
+class CountingCache(LocMemCache):
+    """A cache client that counts how many were made and closed."""
+
+    made = 0
+    closed = 0
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        CountingCache.made += 1
+
+    def close(self, **kwargs: t.Any) -> None:
+        CountingCache.closed += 1
+
+
+def cache_view(request: HttpRequest) -> HttpResponse:
+    """The view and ``children`` children each use the cache."""
+    caches["default"].set("view", 1)
+    def child() -> t.Any:
+        return caches["default"].get("view")  # the child's own client
+
+    children = [geventctx.spawn(child) for _ in range(int(request.GET.get("children", "2")))]
+    gevent.joinall(children, raise_error=True)
+    return JsonResponse({"seen": [child.value for child in children]})
+
+
+def cache_stats(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"made": CountingCache.made, "closed": CountingCache.closed})
+
+
 def ping(request: HttpRequest) -> HttpResponse:
     return HttpResponse("pong")
 
@@ -153,6 +183,8 @@ urlpatterns = [
     path("body", body_view),
     path("asyncio", asyncio_view),
     path("pool", pool_view),
+    path("cache", cache_view),
+    path("cache-stats", cache_stats),
     path("ping", ping),
 ]
 

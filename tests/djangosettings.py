@@ -29,5 +29,5 @@ LANGUAGE_CODE = "en"
 LANGUAGES = [("en", "English"), ("de", "German"), ("fr", "French")]
 USE_TZ = True
 TIME_ZONE = "UTC"
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+CACHES = {"default": {"BACKEND": "djangoapp.CountingCache"}}
 LOGGING_CONFIG = None

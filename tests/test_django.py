@@ -154,6 +154,26 @@ def test_without_the_adapter_djangos_pool_runs_dry(server: t.Any, postgres: Clus
     assert any(status != 200 for status in statuses) or failed_children
 
 
+@pytest.mark.parametrize("adapter", [True, False], ids=["geventctx.django", "django"])
+def test_each_child_closes_the_cache_clients_it_opened(adapter: bool, server: t.Any) -> None:
+    proc = start(server, "pywsgi", adapter=adapter)
+    for _ in range(10):
+        assert call(proc, "GET", "/cache?children=3").json() == {"seen": [1, 1, 1]}
+    stats = call(proc, "GET", "/cache-stats").json()
+    label = "geventctx.django" if adapter else "Django"
+    print(f"{label}: cache clients made {stats['made']}, closed {stats['closed']}")
+    if adapter:
+        # The view's and each child's own: one made and closed per greenlet.
+        assert stats["made"] == stats["closed"] == 10 * 4, stats
+    else:
+        import asgiref
+
+        if tuple(int(part) for part in asgiref.__version__.split(".")[:2]) >= (3, 12):
+            assert stats["closed"] < stats["made"], stats  # children's own, never closed
+        else:
+            assert stats["made"] == 10, stats  # children used the view's client
+
+
 # -- Django's state follows the view --------------------------------------------------------
 
 
