@@ -19,6 +19,13 @@ asgiref 3.8 to 3.13 alike):
 are in a thread-critical ``Local`` (``connections._connections._storage``,
 a ``threading.local``: greenlet-local once gevent patched ``threading``).
 
+The adapter's ``WSGIRequest`` overrides Django's body internals (read from
+Django 4.2 and 5.2, where they are the same): ``_load_post_and_files()``,
+the ``_post``/``_files`` attributes it sets, the ``_set_post`` setter of
+``POST``, and ``_stream`` (a ``LimitedStream`` over ``wsgi.input``, made
+again over the shared body's cursor). Its handler adds the first of the
+response's ``_resource_closers`` (:func:`close_first`).
+
 What the ``ContextVar`` holds depends on asgiref:
 
 - 3.8 and earlier: a ``dict`` changed *in place* by every write — a
