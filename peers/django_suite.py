@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
                         help="the interpreter (with Django and geventctx installed) to run the suite with")
     args = parser.parse_args(argv)
+    # Absolute (the suite runs in Django's tests/), not resolved (a venv's
+    # python is a link out of the venv).
+    args.python = os.path.abspath(args.python)
     version = django_version(args.python)
     print(f"Django {version} (from {args.python})", flush=True)
     tests = django_tests(args.python, version)
