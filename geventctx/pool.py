@@ -50,9 +50,9 @@ class _ContextMappingMixin:
     def _helper(self, depth: int, function: t.Callable[..., t.Any], *args: t.Any, forked: bool = True) -> Greenlet:
         # A hand-off that is not tracked by the pool (as in gevent); the
         # workers it spawns inherit its context and its spawn site.
-        # forked=False for map(), whose caller waits for the helper: the
-        # helper runs in the caller's stead, so it needs no app context of
-        # its own (geventctx.forks) and its workers fork from the caller's.
+        # Forked like any hand-off: a fork may read per-greenlet state of
+        # the spawner (Django's on asgiref 3.12+), so the workers' forks,
+        # run in the helper, need the helper's own fork first.
         helper = Greenlet(function, *args)
         attach(helper, site_of(_getframe(depth)), function, forked)
         _base_start(helper)
@@ -71,7 +71,7 @@ class _ContextMappingMixin:
 
     def map(self, func: t.Callable[..., T], iterable: t.Iterable[t.Any]) -> list[T]:
         """Results of ``func`` over ``iterable``, in order, each in the caller's context."""
-        return self._helper(2, self._map_all, func, iterable, forked=False).get()  # type: ignore[no-any-return]
+        return self._helper(2, self._map_all, func, iterable).get()  # type: ignore[no-any-return]
 
     def map_async(
         self, func: t.Callable[..., t.Any], iterable: t.Iterable[t.Any], callback: t.Any = None
