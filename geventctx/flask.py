@@ -86,6 +86,7 @@ from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
 from . import _greenlet_locals, errorlog, stragglers
+from ._flask_appcontext import fork_g, forked_g, unfork_g
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
     BODY_MODES,
@@ -97,7 +98,6 @@ from .body import (
     has_body,
     share_wsgi_input,
 )
-from ._flask_appcontext import fork_g, forked_g, unfork_g
 from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import ENVIRON_CONTEXT, IsolatedApp, RequestContext
 from .request import ENVIRON_BODY_PLAN, ENVIRON_CLOSE_HOOK, SharedBodyRequest, shared_body_request_class
