@@ -448,12 +448,7 @@ def load_case(app: DbApp, requests: int, concurrency: int = 20) -> None:
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_load_case_pywsgi(own_dbapp: t.Callable[..., DbApp], driver: str) -> None:
-    load_case(own_dbapp(driver, **LOAD_POOL), requests=100)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("driver", DRIVERS)
-def test_load_case_pywsgi_200_requests(own_dbapp: t.Callable[..., DbApp], driver: str) -> None:
+    # The load case as it is: 200 requests, 20 at once (~3 s each).
     load_case(own_dbapp(driver, **LOAD_POOL), requests=200)
 
 
@@ -462,4 +457,4 @@ def test_load_case_gunicorn_gevent_worker(own_dbapp: t.Callable[..., DbApp]) -> 
     # the pywsgi server; one worker, so every request shares its pools.
     argv = [executable("gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections", "100",
             "-b", "127.0.0.1:{port}", "--pythonpath", "tests", "dbapp:app"]
-    load_case(own_dbapp("pg8000", argv=argv, **LOAD_POOL), requests=100)
+    load_case(own_dbapp("pg8000", argv=argv, **LOAD_POOL), requests=200)
