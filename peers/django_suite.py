@@ -27,6 +27,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from judge import count, regressions
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "django-suite"
 
@@ -114,11 +116,6 @@ def run_suite(python: str, tests: Path, with_adapter: bool, log: Path) -> tuple[
     return results, took
 
 
-def count(results: dict[str, str]) -> str:
-    kinds = ("passed", "failed", "error", "skipped")
-    return ", ".join(f"{sum(1 for o in results.values() if o == k)} {k}" for k in kinds)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
@@ -139,13 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  baseline failure (not counted): {name}")
     ext, took = run_suite(args.python, tests, True, logs / "geventctx.log")
     lines.append(f"Django {version} suite, geventctx.django: {count(ext)} ({took:.0f} s)")
-    bad = 0
-    for name in sorted(name for name in plain if name not in ext):
-        lines.append(f"  REGRESSION (not run with the adapter): {name}")
-        bad += 1
-    for name in sorted(n for n, o in plain.items() if o == "passed" and ext.get(n) in ("failed", "error")):
-        lines.append(f"  REGRESSION: {name}")
-        bad += 1
+    regressed = regressions(plain, ext, "the adapter")
+    lines += regressed
+    bad = len(regressed)
     print("\n" + "\n".join(lines))
     print(f"{bad} regression(s)")
     return 1 if bad else 0
