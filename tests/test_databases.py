@@ -21,8 +21,10 @@ server, nothing logged as an error or warning by the app.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import subprocess
 import sys
 import typing as t
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import pytest
 from httpkit import Response, wait_for
 from httpkit import request as http_request
 from pgkit import Cluster, backends
-from processkit import ServerProcess, executable, servers
+from processkit import ROOT, ServerProcess, executable, servers
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX server processes")
 
@@ -426,6 +428,35 @@ def test_a_greenlet_local_scoped_session_the_view_leaves_behind_is_warned_about(
     assert len(warned) == 1 and "GET /scoped_default/outlived/2" in warned[0] and "scopefunc" in warned[0], (
         app.context()
     )
+
+
+# -- an app context without a request ---------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_cli_command_children_have_sessions_of_their_own(
+    request: pytest.FixtureRequest, tmp_path: Path, driver: str
+) -> None:
+    # A Flask CLI command (an app context without a request, pushed by
+    # Flask's with_appcontext) fanning out reads and a write: the same
+    # Session per child as in a request, released at each child's end.
+    postgres = cluster_for(request, driver)
+    if postgres is None:
+        url = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    else:
+        url = postgres.url(postgres.create_database("cli"), driver)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEVENTCTX_")}
+    env.update(DBAPP_URL=url, PYTHONPATH=os.pathsep.join(["tests", "."]))
+    done = subprocess.run(
+        [sys.executable, "tests/dbcli.py", "fanout", "3"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    context = f"\n--- exit {done.returncode} ---\n{done.stdout[-3000:]}{done.stderr[-6000:]}"
+    assert done.returncode == 0, context
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["titles"] == titles_of(3), context
+    assert len(set(answer["sessions"])) == SECTIONS + 1, f"children shared a Session{context}"
+    assert (answer["checked_out"], answer["problems"]) == (0, []), context
 
 
 # -- the load case -------------------------------------------------------------------------
