@@ -106,21 +106,16 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     return scope
 
 
-def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None, forked: bool = True) -> None:
+def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) -> None:
     """Hand the running context to the unstarted gevent greenlet ``child``.
 
     Sets its ``gr_context`` to a snapshot of the current context, records it
     in the registry and makes it hold the current request scope (if any)
     until it ends. Call it in the spawner, just before starting ``child``.
-    ``forked=False``: no fork runs for it (its spawner waits for it while
-    it runs, so it may share what a fork would give it its own of).
     """
     if site is None:
         site = helper_site()
-    if forked:
-        context, ends = _handoff_context()
-    else:
-        context, ends = copy_context(), None
+    context, ends = _handoff_context()
     bind(child, context, pin_current_scope(site), site, function, ends)
 
 
