@@ -180,6 +180,7 @@ def test_a_childs_teardown_runs_once_in_the_child_with_its_result_and_only_its_n
     @app.route("/")
     def view() -> str:
         g.view = "view"
+        kids["killer"] = gevent.getcurrent()  # the view kills two of them
         kids["returns"] = geventctx.spawn(returns)
         kids["raises"] = geventctx.spawn(raises)
         kids["killed"] = geventctx.spawn(waits)
@@ -208,7 +209,8 @@ def test_a_childs_teardown_runs_once_in_the_child_with_its_result_and_only_its_n
     # The one killed before it ran: in a greenlet of its own, with the kill.
     (never,) = [e for e in torn if e[1] not in kids.values() and e[4] is None]
     assert isinstance(never[2], gevent.GreenletExit) and never[3] == []
-    assert never[1] is not gevent.getcurrent()
+    # Neither in the greenlet that killed it nor in the hub.
+    assert never[1] is not kids["killer"] and never[1] is not gevent.get_hub()
     assert torn[-1][4] == "view"  # the request's own, after every child
 
 
