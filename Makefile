@@ -13,7 +13,7 @@ PIP_INSTALL = -m pip install --quiet --prefer-binary
 # (no pip) is removed and made again, never reused.
 venv_for = $(1)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
 
-.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-flask-matrix test-flask-oldest test-flask-main clean
+.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-django-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
 # A stamp is written only after its install succeeded: a failed run is
 # retried in full next time.
@@ -37,6 +37,14 @@ test: $(STAMP)
 # test that passes plain and fails with the extension fails this target.
 test-flask-suite: $(STAMP)
 	$(PY) peers/flask_suite.py --python $(PY)
+
+# Django's own test suite (from the sdist of the installed Django; the labels
+# that touch requests, handlers, signals, transactions, uploads, i18n, cache,
+# middleware, backends), plain and with geventctx.django's handler and
+# request class: any test that passes plain and fails with them fails this
+# target. About a minute per run.
+test-django-suite: $(STAMP)
+	$(PY) peers/django_suite.py --python $(PY)
 
 # gevent's own tests (they ship in its wheel) with geventctx's Pool, Group and
 # ThreadPool substituted, and with patch() on, next to a plain baseline.

@@ -91,6 +91,23 @@ def start_server(script: str, *args: str) -> tuple[subprocess.Popen[str], t.Any]
         raise
 
 
+def stop_server(proc: subprocess.Popen[str]) -> str:
+    """End a server process of :func:`start_server` (stdin EOF, then
+    terminate, then kill, 5 s each); its stderr."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read() if proc.stderr is not None else ""
+
+
 def serve_until_stdin_closes(servers: t.Iterable[t.Any], lifetime: float, stop_timeout: float) -> None:
     """In a server process: serve until the driver closes our stdin (or
     ``lifetime`` seconds pass), then stop every server."""

@@ -51,7 +51,7 @@ import subprocess
 import time
 import typing as t
 
-from common import Row, read_response, serve_until_stdin_closes
+from common import Row, read_response, serve_until_stdin_closes, stop_server
 from common import start_server as common_start_server
 
 TITLE = "HTTP req/s, 4 Flask-SQLAlchemy reads + 1 background write per request, PostgreSQL/pg8000 (P10)"
@@ -271,17 +271,6 @@ def _load(port: int, tag: str, requests: int, connections: int) -> float:
     return float(result["rps"])
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return proc.stderr.read() if proc.stderr is not None else ""
-
-
 def run(quick: bool) -> list[Row]:
     """Both variants, interleaved over rounds; the P10 row."""
     import pgkit
@@ -310,7 +299,7 @@ def run(quick: bool) -> list[Row]:
             audits = _audits_settled(cluster, database, 2 * total)
             stats = {app: _get(ports[app], "/_stats") for _, app in VARIANTS}
         finally:
-            stderr = _stop(proc)
+            stderr = stop_server(proc)
         if audits != {"ctx": total, "plain": total, "wrong user": 0}:
             raise RuntimeError(f"audit rows after the load: {audits} (expected {total} each)\n{stderr[-3000:]}")
         if any(s["checked_out"] or s["live"] for s in stats.values()):

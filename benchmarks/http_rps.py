@@ -58,7 +58,7 @@ import tempfile
 import time
 import typing as t
 
-from common import Row, read_response, serve_until_stdin_closes
+from common import Row, read_response, serve_until_stdin_closes, stop_server
 from common import start_server as common_start_server
 
 TITLE = "HTTP req/s, view spawning 4 children, gevent.pywsgi in its own process (P4)"
@@ -362,20 +362,6 @@ def start_server() -> tuple[subprocess.Popen[str], dict[str, int]]:
     return common_start_server("http_rps.py", "serve")
 
 
-def stop_server(proc: subprocess.Popen[str]) -> str:
-    """End the server process (stdin EOF, then terminate, then kill); its stderr."""
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.stderr.read() if proc.stderr is not None else ""
 
 
 def run(quick: bool) -> list[Row]:

@@ -306,15 +306,12 @@ def _run(executor: Executor, task: _Task) -> None:
     ends, task.ends = task.ends, None
     try:
         if future.set_running_or_notify_cancel():
+            fn = task.fn if ends is None else handoff.Ending(task.fn, ends, task.context, task.site)
             try:
-                result = task.fn(*task.args, **task.kwargs)
+                result = fn(*task.args, **task.kwargs)
             except BaseException as exc:  # the future's, as in concurrent.futures
-                if ends is not None:
-                    handoff.run_ends(ends, exc, task.site)
                 future.set_exception(exc)
             else:
-                if ends is not None:
-                    handoff.run_ends(ends, None, task.site)
                 future.set_result(result)
         elif ends is not None:
             handoff.run_ends(ends, concurrent.futures.CancelledError(), task.site)

@@ -12,7 +12,7 @@ the pools, the executor):
 
 - sees the parent's ``request``, ``session`` and ``current_app`` objects,
   not copies, in an app context of its own whose ``g`` reads through to
-  the view's (G3; :mod:`geventctx.child_appcontext` states the rule);
+  the view's (G3; :mod:`geventctx._flask_appcontext` states the rule);
 - has its own app context torn down when it ends, and delays the request's
   ``teardown_request``, ``request.close()`` and ``teardown_appcontext``
   until it ends; they run once, in Flask's order, with the view's
@@ -86,7 +86,8 @@ from greenlet import getcurrent
 from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
-from . import errorlog, stragglers
+from . import _greenlet_locals, errorlog, stragglers
+from ._flask_appcontext import fork_g, forked_g, unfork_g
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
     BODY_MODES,
@@ -98,8 +99,7 @@ from .body import (
     has_body,
     share_wsgi_input,
 )
-from .child_appcontext import fork_g, forked_g, unfork_g
-from .errors import LateEffectWarning, SessionMutationError, SessionMutationWarning
+from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
 from .request import SharedBodyRequest
 from .request_end import owner_ended, response_closed
@@ -898,8 +898,28 @@ def _end_owner(state: _Request) -> None:
     try:
         owner_ended(scope, token, config["GEVENTCTX_STRAGGLER_TIMEOUT"], config["GEVENTCTX_STRAGGLER_POLICY"], error)
     finally:
+        if not scope.done:
+            _warn_left_sessions(scope)
         _leave_pending(state)
         scope.on_close(_forget, state)  # after the request's teardown steps
+
+
+def _warn_left_sessions(scope: Scope) -> None:
+    """The request's teardown will run after its children, in another
+    greenlet: a ``scoped_session`` with the default (greenlet-local) scope
+    cannot release what this greenlet holds there, and the next request on
+    this keep-alive connection would reuse it (DESIGN G4). Say so, once per
+    line of the warning, where geventctx can see it: in this greenlet, now."""
+    if _greenlet_locals.left_sessions(getcurrent()):
+        warnings.warn(
+            f"{scope.label}: a child outlives the view, so teardown_appcontext runs later in another "
+            "greenlet, and a greenlet-local SQLAlchemy scoped_session of this greenlet will not be "
+            "removed there (the next request on this connection would reuse it): key the "
+            "scoped_session on the app context, scopefunc=lambda: id(flask.globals.app_ctx._get_current_object()) "
+            "(docs: Databases and other resources in children)",
+            MisuseWarning,
+            stacklevel=2,
+        )
 
 
 def _end_of_request(environ: dict[str, t.Any], close: t.Callable[[], t.Any] | None) -> None:

@@ -56,20 +56,26 @@ Fork = t.Callable[[], End | None]
 
 #: The registered forks, in registration order (read on every hand-off).
 _forks: list[Fork] = []
+#: The same, as a tuple made at each change: run_forks iterates it without a copy.
+_forks_now: tuple[Fork, ...] = ()
 
 
 def register(fork: Fork) -> Fork:
     """Run ``fork()`` in every child's snapshot before the child starts;
     returns ``fork`` (usable as a decorator). Registering twice is once."""
+    global _forks_now
     if fork not in _forks:
         _forks.append(fork)
+        _forks_now = tuple(_forks)
     return fork
 
 
 def unregister(fork: Fork) -> None:
     """Stop running ``fork`` for new children (nothing if it was not registered)."""
+    global _forks_now
     if fork in _forks:
         _forks.remove(fork)
+        _forks_now = tuple(_forks)
 
 
 def registered() -> list[Fork]:
@@ -87,7 +93,7 @@ def run_forks() -> End | None:
     of several in registration order, or ``None``. (One end is kept as it
     is: no list per hand-off, P5.)"""
     ends: t.Any = None
-    for fork in list(_forks):
+    for fork in _forks_now:
         try:
             end = fork()
         except Exception:

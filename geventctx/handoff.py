@@ -139,12 +139,13 @@ def bind(
     """
     if isinstance(child, greenlet):
         child.gr_context = context
+        ending = None
         if ends is not None:
             ending = child._run = Ending(child._run, ends, context, site)
-            if isinstance(child, Greenlet):
-                child._geventctx_ending = ending  # _finished looks
-            else:
+            if not isinstance(child, Greenlet):
                 child.rawlink(ending.never_ran)
+        if isinstance(child, Greenlet):
+            child._geventctx_ending = ending  # _finished looks (a set slot: no getattr default)
         if scope is None:
             _note_thread_child(child)
     if isinstance(child, Greenlet):
@@ -169,17 +170,17 @@ def _finished(child: gevent.Greenlet) -> None:
         # A geventctx greenlet: its record is its slots.
         child._geventctx_started = None
         scope = child._geventctx_scope
-        ending = getattr(child, "_geventctx_ending", None)
+        ending = child._geventctx_ending
         if ending is not None:
             child._geventctx_ending = None
         if scope is None:
             _unscoped.pop(id(child), None)
-            if ending is not None:
+            if ending is not None and ending.ends is not None:
                 ending.never_ran(child)
         else:
             scope.children.pop(id(child), None)
             # One that never ran holds the request until its ends ran.
-            if ending is None or not ending.never_ran(child, scope.release):
+            if ending is None or ending.ends is None or not ending.never_ran(child, scope.release):
                 scope.release()
         return
     entry = _pop(id(child), None)
@@ -494,12 +495,15 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         _unscoped[id(child)] = _ref(child)
     # forks.handoff_context(), inlined (P1: a call less per spawn).
     context = copy_context()
-    ends = context.run(_run_forks) if _forks else None
-    if ends is not None:
-        child._run = child._geventctx_ending = Ending(function, ends, context, child._geventctx_site)
-    elif scope is not None:
+    ending = None
+    if _forks:
+        ends = context.run(_run_forks)
+        if ends is not None:
+            ending = child._run = Ending(function, ends, context, child._geventctx_site)
+    if ending is None and scope is not None:
         # Gives its hold back at its own end (P4: no link callback per child).
         child._run = _Releasing(function)
+    child._geventctx_ending = ending  # always set: _finished reads the slot without a default
     child.gr_context = context
     child._geventctx_scope = scope
     child._geventctx_function = function

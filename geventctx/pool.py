@@ -50,6 +50,9 @@ class _ContextMappingMixin:
     def _helper(self, depth: int, function: t.Callable[..., t.Any], *args: t.Any) -> Greenlet:
         # A hand-off that is not tracked by the pool (as in gevent); the
         # workers it spawns inherit its context and its spawn site.
+        # Forked like any hand-off: a fork may read per-greenlet state of
+        # the spawner (Django's on asgiref 3.12+), so the workers' forks,
+        # run in the helper, need the helper's own fork first.
         helper = Greenlet(function, *args)
         attach(helper, site_of(_getframe(depth)), function)
         _base_start(helper)

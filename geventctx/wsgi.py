@@ -138,6 +138,16 @@ class ContextMiddleware:
             raise
         return _RequestEnd(self, scope, token, result, environ)
 
+    def own_end(self, environ: dict[str, t.Any]) -> None:
+        """The request's own part is over (the server's ``close()``, or the
+        app call raised): called first, in the request's greenlet and
+        Context, before the rest of its end waits for the children. Does
+        nothing; an adapter on top of the middleware (the Django one)
+        releases here what only the request's own greenlet can release.
+
+        .. versionadded:: 0.2
+        """
+
 
 class _RequestEnd:
     """The app's response iterable, whose ``close()`` waits for the children."""
@@ -164,6 +174,12 @@ class _RequestEnd:
         token, self._token = self._token, None
         if token is None:
             return  # WSGI servers call close() once; be safe anyway
+        try:
+            self._owner.own_end(self._environ)
+        finally:
+            self._end(token)
+
+    def _end(self, token: Token[Scope | None]) -> None:
         scope = self._scope
         close = getattr(self._result, "close", None)
         # The one end path (geventctx.request_end), as the Flask extension's.

@@ -32,6 +32,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from judge import count, regressions
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "flask-suite"
 
@@ -200,10 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Flask {found['flask']}'s suite does not collect with these versions (plain run): nothing judged")
         return 2
 
-    def count(results: dict[str, str]) -> str:
-        kinds = ("passed", "failed", "error", "skipped")
-        return ", ".join(f"{sum(1 for o in results.values() if o == k)} {k}" for k in kinds)
-
     lines = [f"Flask {found['flask']} suite, plain: {count(plain)} ({took:.0f} s)"]
     for name in sorted(n for n, o in plain.items() if o in ("failed", "error")):
         lines.append(f"  baseline failure (not counted): {name}: {detail(plain_report, name)}")
@@ -212,12 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         took = run_suite(venv, source, True, report, patch)
         ext = outcomes(report)
         lines.append(f"Flask {found['flask']} suite, {label}: {count(ext)} ({took:.0f} s)")
-        for name in sorted(name for name in plain if name not in ext):
-            lines.append(f"  REGRESSION (not run with the extension): {name}")
-            bad += 1
-        for name in sorted(n for n, o in plain.items() if o == "passed" and ext.get(n) in ("failed", "error")):
-            lines.append(f"  REGRESSION: {name}: {detail(report, name)}")
-            bad += 1
+        regressed = regressions(plain, ext, "the extension", lambda name, report=report: detail(report, name))
+        lines += regressed
+        bad += len(regressed)
     print("\n" + "\n".join(lines))
     print(f"{bad} regression(s)")
     return 1 if bad else 0

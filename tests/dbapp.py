@@ -52,6 +52,9 @@ Flask-Login (user loader through ``db.session``)
 ``GET /ccrc/map/<uid>``
     ``copy_current_request_context`` + plain ``gevent.spawn`` (the code
     ``patch()`` users already have); answers the sessions each used.
+``flask fanout <uid>`` (run by tests/dbcli.py)
+    A CLI command: the same fan-out and audit write in an app context
+    without a request.
 ``GET /_stats``
     Connections checked out per pattern, and every error or warning logged
     (geventctx, SQLAlchemy, Flask, ``warnings``) since the start.
@@ -59,10 +62,12 @@ Flask-Login (user loader through ``db.session``)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import typing as t
 
+import click
 import gevent
 import sqlalchemy as sa
 from flask import Flask, copy_current_request_context, g, jsonify, request
@@ -282,6 +287,15 @@ def scoped_map(name: str, uid: int) -> t.Any:
     return jsonify(user=user, titles=titles)
 
 
+@app.get("/<any(scoped_app, scoped_default):name>/outlived/<int:uid>")
+def scoped_outlived(name: str, uid: int) -> t.Any:
+    # The view uses the session, a child outlives it: the request's teardown
+    # runs after the child, in another greenlet.
+    user = SCOPED[name]().execute(NAME_SQL, {"id": uid}).scalar_one()
+    geventctx.spawn(gevent.sleep, 10 * REMOTE_CALL)
+    return jsonify(user=user)
+
+
 @app.post("/scoped_app/audit/<tag>")
 def scoped_app_audit(tag: str) -> t.Any:
     user = scoped_app().execute(NAME_SQL, {"id": int(request.args["uid"])}).scalar_one()
@@ -425,7 +439,9 @@ def ccrc_map(uid: int) -> t.Any:
     user = db.session.get(User, uid)
 
     def title(sid: int) -> dict[str, t.Any]:
-        return {"title": fsa_title(sid), "session": id(db.session())}
+        # The Session object itself, kept alive until the view compares them:
+        # an id compared after the object was freed can be reused.
+        return {"title": fsa_title(sid), "session": db.session()}
 
     # One copy per child: a copied request context pushed by two greenlets
     # at once pops the other's token (Flask's own limit).
@@ -434,8 +450,39 @@ def ccrc_map(uid: int) -> t.Any:
     seen = [child.value for child in children]
     return jsonify(
         user=user.name, titles=[s["title"] for s in seen],
-        sessions=[s["session"] for s in seen], view_session=id(db.session()),
+        sessions=[id(s["session"]) for s in seen], view_session=id(db.session()),
     )
+
+
+# -- a CLI command: an app context without a request ----------------------------------
+
+
+@app.cli.command("fanout")
+@click.argument("uid", type=int)
+def fanout_command(uid: int) -> None:
+    """Children read a user's sections and write an audit line, in the
+    command's app context; prints what each saw and what was left, as JSON."""
+
+    # Each child returns its Session object itself, alive until the ids are
+    # compared: the id of a freed object can be reused.
+    def title(sid: int) -> dict[str, t.Any]:
+        return {"title": fsa_title(sid), "session": db.session()}
+
+    def audit() -> t.Any:
+        db.session.add(Audit(tag=f"cli-{uid}", user_name=f"user{uid}", what="cli"))
+        db.session.commit()
+        return db.session()
+
+    seen = geventctx.Pool(4).map(title, [section_id(uid, k) for k in range(SECTIONS)])
+    writer = geventctx.spawn(audit)
+    writer.join()
+    print(json.dumps({
+        "titles": [s["title"] for s in seen],
+        "sessions": [id(s["session"]) for s in seen] + [id(writer.value)],
+        # every child ended and was torn down; the command itself never used db.session
+        "checked_out": checked_out(db.engine),
+        "problems": problems,
+    }))
 
 
 # -- what the tests read -------------------------------------------------------------

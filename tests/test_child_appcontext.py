@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import traceback
 import typing as t
 
 import flask
@@ -179,6 +180,7 @@ def test_a_childs_teardown_runs_once_in_the_child_with_its_result_and_only_its_n
     @app.route("/")
     def view() -> str:
         g.view = "view"
+        kids["killer"] = gevent.getcurrent()  # the view kills two of them
         kids["returns"] = geventctx.spawn(returns)
         kids["raises"] = geventctx.spawn(raises)
         kids["killed"] = geventctx.spawn(waits)
@@ -207,7 +209,8 @@ def test_a_childs_teardown_runs_once_in_the_child_with_its_result_and_only_its_n
     # The one killed before it ran: in a greenlet of its own, with the kill.
     (never,) = [e for e in torn if e[1] not in kids.values() and e[4] is None]
     assert isinstance(never[2], gevent.GreenletExit) and never[3] == []
-    assert never[1] is not gevent.getcurrent()
+    # Neither in the greenlet that killed it nor in the hub.
+    assert never[1] is not kids["killer"] and never[1] is not gevent.get_hub()
     assert torn[-1][4] == "view"  # the request's own, after every child
 
 
@@ -234,7 +237,9 @@ def test_a_failing_child_teardown_is_logged_with_the_spawn_site_and_keeps_the_re
 
     with caplog.at_level(logging.ERROR, logger="geventctx"), app.app_context():
         assert geventctx.spawn(child).get(timeout=WAIT) == "result"  # SPAWN-SITE
-    (record,) = [r for r in caplog.records if "teardown failed" in str(r.exc_info[1] if r.exc_info else "")]
+    # Flask 3.2 gathers teardown errors into an ExceptionGroup: look at the whole traceback.
+    (record,) = [r for r in caplog.records if r.exc_info and "teardown failed" in "".join(
+        traceback.format_exception(*r.exc_info))]
     assert "test_child_appcontext.py" in record.getMessage() and "the child's result stands" in record.getMessage()
 
 
@@ -310,8 +315,14 @@ def test_copy_current_request_context_children_under_patch_get_their_own_app_con
         return "ok"
 
     assert serve(app).request("GET", "/").body == b"ok"
-    assert seen == [(False, "view", "/")]
-    wait_for(lambda: len(torn) == 2, WAIT, "the child's and the request's teardown")
+    # Flask 3.2's copy is a whole new context with a g of its own (Flask's
+    # rule); on 2.3-3.1 the copied request context uses the child's own.
+    assert seen == [(False, None if compat.MERGED else "view", "/")]
+    # Flask 3.2's copy is a context of its own, which Flask tears down too.
+    expected = 3 if compat.MERGED else 2
+    wait_for(lambda: len(torn) == expected, WAIT, "the child's and the request's teardown")
+    settle()
+    assert len(torn) == expected
 
 
 def test_a_name_registered_for_forking_is_a_copy_in_each_child():

@@ -21,8 +21,10 @@ server, nothing logged as an error or warning by the app.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import subprocess
 import sys
 import typing as t
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import pytest
 from httpkit import Response, wait_for
 from httpkit import request as http_request
 from pgkit import Cluster, backends
-from processkit import ServerProcess, executable, servers
+from processkit import ROOT, ServerProcess, executable, servers
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX server processes")
 
@@ -406,6 +408,57 @@ def test_copy_current_request_context_children_under_patch_have_sessions_of_thei
     app.assert_nothing_left()
 
 
+# -- the greenlet-local scoped_session a child outlives ------------------------------------
+
+
+def test_a_greenlet_local_scoped_session_the_view_leaves_behind_is_warned_about(
+    own_dbapp: t.Callable[..., DbApp],
+) -> None:
+    # DESIGN G4: a default (greenlet-local) scoped_session used by the view
+    # cannot be removed by a teardown that runs after a child, in another
+    # greenlet; geventctx sees it in the view's greenlet and says so. The
+    # same view keyed on the app context is not warned about.
+    app = own_dbapp("sqlite")
+    assert app.json("GET", "/scoped_app/outlived/1")["user"] == "user1"
+    gevent.sleep(0.2)
+    assert not [p for p in app.stats()["problems"] if "scoped_session" in p], app.context()
+    assert app.json("GET", "/scoped_default/outlived/2")["user"] == "user2"
+    gevent.sleep(0.2)
+    warned = [p for p in app.stats()["problems"] if "greenlet-local SQLAlchemy scoped_session" in p]
+    assert len(warned) == 1 and "GET /scoped_default/outlived/2" in warned[0] and "scopefunc" in warned[0], (
+        app.context()
+    )
+
+
+# -- an app context without a request ---------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_cli_command_children_have_sessions_of_their_own(
+    request: pytest.FixtureRequest, tmp_path: Path, driver: str
+) -> None:
+    # A Flask CLI command (an app context without a request, pushed by
+    # Flask's with_appcontext) fanning out reads and a write: the same
+    # Session per child as in a request, released at each child's end.
+    postgres = cluster_for(request, driver)
+    if postgres is None:
+        url = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    else:
+        url = postgres.url(postgres.create_database("cli"), driver)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEVENTCTX_")}
+    env.update(DBAPP_URL=url, PYTHONPATH=os.pathsep.join(["tests", "."]))
+    done = subprocess.run(
+        [sys.executable, "tests/dbcli.py", "fanout", "3"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    context = f"\n--- exit {done.returncode} ---\n{done.stdout[-3000:]}{done.stderr[-6000:]}"
+    assert done.returncode == 0, context
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["titles"] == titles_of(3), context
+    assert len(set(answer["sessions"])) == SECTIONS + 1, f"children shared a Session{context}"
+    assert (answer["checked_out"], answer["problems"]) == (0, []), context
+
+
 # -- the load case -------------------------------------------------------------------------
 
 
@@ -426,12 +479,7 @@ def load_case(app: DbApp, requests: int, concurrency: int = 20) -> None:
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_load_case_pywsgi(own_dbapp: t.Callable[..., DbApp], driver: str) -> None:
-    load_case(own_dbapp(driver, **LOAD_POOL), requests=100)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("driver", DRIVERS)
-def test_load_case_pywsgi_200_requests(own_dbapp: t.Callable[..., DbApp], driver: str) -> None:
+    # The load case as it is: 200 requests, 20 at once (~3 s each).
     load_case(own_dbapp(driver, **LOAD_POOL), requests=200)
 
 
@@ -440,4 +488,4 @@ def test_load_case_gunicorn_gevent_worker(own_dbapp: t.Callable[..., DbApp]) -> 
     # the pywsgi server; one worker, so every request shares its pools.
     argv = [executable("gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections", "100",
             "-b", "127.0.0.1:{port}", "--pythonpath", "tests", "dbapp:app"]
-    load_case(own_dbapp("pg8000", argv=argv, **LOAD_POOL), requests=100)
+    load_case(own_dbapp("pg8000", argv=argv, **LOAD_POOL), requests=200)

@@ -155,3 +155,18 @@ def test_taskgroup_fanout_answers_with_what_each_backend_gave_and_leaves_nothing
     assert page["parts"]["reviews"] == {"stopped": True}
     assert [page["parts"][name]["ok"]["backend"] for name in ("inventory", "pricing")] == ["inventory", "pricing"]
     backends.stop(timeout=0.1)  # the slow backend's own handler would sleep on
+
+
+def test_django_fanout_children_see_the_views_request_and_language_and_keep_their_own(server):
+    pytest.importorskip("django")
+    from httpkit import request
+
+    srv = server([sys.executable, "-m", "examples.django_fanout", "{port}"])
+    response = request(srv.port, "GET", "/dashboard", headers={"Accept-Language": "de"})
+    assert response is not None and response.status == 200, srv.context()
+    page = response.json()
+    assert page["language"] == "de"  # the French child did not change the view's
+    assert [part["backend"] for part in page["parts"]] == ["news", "orders", "stock"]
+    assert [part["language"] for part in page["parts"]] == ["de", "de", "fr"]
+    assert {part["path"] for part in page["parts"]} == {"/dashboard"}
+    assert [part["link"] for part in page["parts"]] == ["/parts/news", "/parts/orders", "/parts/stock"]

@@ -18,6 +18,17 @@ def _python(code: str) -> str:
     return out.stdout
 
 
+def test_imports_without_django_installed():
+    code = (
+        "import sys\n"
+        "sys.modules['django'] = None\n"
+        "import geventctx, geventctx.wsgi, geventctx.pool\n"
+        "assert geventctx.spawn(lambda: 1).get() == 1\n"
+        "print('ok')\n"
+    )
+    assert _python(code).strip() == "ok"
+
+
 def test_imports_without_flask_installed():
     # sys.modules[name] = None makes any `import flask` raise ImportError,
     # as on a machine without Flask.
@@ -37,6 +48,7 @@ def test_imports_without_flask_installed():
         ("geventctx.flask", "flask", "flask"),
         ("geventctx.celery", "celery", "celery"),
         ("geventctx.integrations.sentry", "sentry_sdk", "sentry"),
+        ("geventctx.django", "django", "django"),
     ],
 )
 def test_adapter_without_its_framework_names_the_extra_to_install(module: str, framework: str, extra: str) -> None:

@@ -1109,7 +1109,7 @@ def test_in_a_request_each_task_runs_in_an_app_context_of_its_own_torn_down_at_i
     # view's; what a task sets stays its own), torn down once per task with
     # the task's exception — the killed one's kill included — before the
     # block exits.
-    pytest.importorskip("geventctx.child_appcontext", reason="the child's own app context (G3 revised) is not here")
+    pytest.importorskip("geventctx._flask_appcontext", reason="the child's own app context (G3 revised) is not here")
     app = flask.Flask(__name__)
     GeventContext(app)
     torn_down = []

@@ -92,13 +92,13 @@ def test_a_thread_pool_worker_keeps_nothing_of_the_last_tasks_context():
     def in_request() -> tuple[str, int]:
         return MARK.get(), threading.get_ident()
 
-    def request() -> tuple[str, int]:
+    def request(value: Held) -> tuple[str, int]:
         MARK.set("request-1")
-        holder.set(held)  # noqa: F821 (a closure cell; deleted below, on purpose)
+        holder.set(value)
         return threads.apply(in_request)
 
     try:
-        seen, worker = contextvars.copy_context().run(request)
+        seen, worker = contextvars.copy_context().run(request, held)
         assert seen == "request-1"
         del held
         # The next task on that worker, submitted by gevent's own API with no

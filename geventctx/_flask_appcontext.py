@@ -119,11 +119,15 @@ class _ReadThrough:
             self._geventctx_hidden.add(name)
 
     def __getattr__(self, name: str) -> t.Any:
-        # Only for names the child does not have itself.
-        if name.startswith("__") or name.startswith("_geventctx_"):
+        # Only for names the child does not have itself (a read of the
+        # view's g from a child: kept short).
+        if name[0] == "_" and (name.startswith("__") or name.startswith("_geventctx_")):
             raise AttributeError(name)
-        if self._geventctx_inherits(name):
-            return getattr(self._geventctx_parent, name)
+        hidden = self._geventctx_hidden
+        if hidden is None or name not in hidden:
+            parent = self._geventctx_parent
+            if parent is not None:
+                return getattr(parent, name)  # AttributeError if the parent lacks it too
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value: t.Any) -> None:
@@ -206,14 +210,6 @@ def _own_view(g: t.Any) -> t.Any:
     return view
 
 
-def _new_g(parent_g: t.Any, g_class: type) -> t.Any:
-    """A child's ``g``: an instance of ``g_class`` reading through to ``parent_g``."""
-    g: t.Any = _new_object(g_class)
-    _set_parent(g, parent_g)
-    _set_hidden(g, None)
-    return g
-
-
 class ChildAppContext(AppContext):
     """A child's own app context (see the module's rule). Made by the
     hand-off's fork, never pushed; torn down when called (it is the fork's
@@ -248,13 +244,16 @@ class ChildAppContext(AppContext):
 
     @property
     def g(self) -> t.Any:
-        try:
-            return self._geventctx_g
-        except AttributeError:
+        g = self._geventctx_g
+        if g is None:
             parent_g = self._geventctx_parent_g
             base: t.Any = type(parent_g)
-            g = self._geventctx_g = _new_g(parent_g, _child_g_class(getattr(base, "_geventctx_base", base)))
-            return g
+            base = getattr(base, "_geventctx_base", base)
+            g_class = _child_classes.get(base) or _child_g_class(base)
+            g = self._geventctx_g = _new_object(g_class)
+            _set_parent(g, parent_g)
+            _set_hidden(g, None)
+        return g
 
     @g.setter
     def g(self, value: t.Any) -> None:
@@ -316,7 +315,8 @@ def _fork_app_context() -> forks.End | None:
     child = _new_object(ChildAppContext)
     parent_g = parent.g
     _set_parent_g(child, parent_g)
-    if _forked_g:
+    _set_own_g(child, None)  # made on first use (the g property)
+    if _forked_g and (isinstance(parent_g, _ReadThrough) or not _forked_g.keys().isdisjoint(parent_g.__dict__)):
         own = _forked_names(parent_g)
         if own is not None:
             g = child.g
