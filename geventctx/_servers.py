@@ -9,6 +9,7 @@ behaviour then holds, as without geventctx).
   ``100 Continue``, as its own read would); other servers' inputs return
   only once they have the bytes asked for, so they are asked for at most
   :data:`SMALL_READ` bytes at a time.
+- :func:`progress` says how far a framework read a body stream itself.
 - :func:`translate` turns a server's read error into Werkzeug's HTTP error
   a client should get (400 for bad chunking or a client gone).
 - :func:`close_connection` ends a connection whose input is out of step (a
@@ -25,7 +26,7 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
-__all__ = ["Source", "source_for", "translate", "close_connection", "SMALL_READ", "CHUNK"]
+__all__ = ["Source", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
 
 #: The largest read asked of a server input that blocks until it has it all.
 SMALL_READ = 8 * 1024
@@ -135,6 +136,24 @@ def source_for(raw: t.Any) -> Source:
     if type(raw).__module__ == "gunicorn.http.body" and hasattr(getattr(raw, "buf", None), "tell"):
         return _GunicornBody(raw)
     return Source(raw)
+
+
+def progress(stream: t.Any) -> tuple[int | None, int | None]:
+    """``(given, left)`` of a body stream a framework began to read itself:
+    the bytes it already handed out and the bytes it still has, each
+    ``None`` when the stream does not say (Werkzeug's ``LimitedStream``
+    and gevent.pywsgi's Content-Length input do; a chunked input says only
+    whether it began)."""
+    position = getattr(stream, "_pos", None)  # Werkzeug 2.3+'s LimitedStream
+    limit = getattr(stream, "limit", None)
+    if isinstance(position, int) and isinstance(limit, int):
+        return position, max(limit - position, 0)
+    if _is_pywsgi_input(stream):
+        if stream.chunked_input:
+            return (0 if stream.chunk_length == -1 else None), None
+        if stream.content_length is not None:
+            return stream.position, max(stream.content_length - stream.position, 0)
+    return None, None
 
 
 def reads_a_socket(environ: dict[str, t.Any], raw: t.Any) -> bool:

@@ -226,6 +226,10 @@ class SharedBody(_Reader):
         #: The request scope that made the body and releases it as the last
         #: step of its teardown (an adapter stacked inside shares it).
         self.owner: t.Any = None
+        #: Who read part of the raw stream before the body was shared (the
+        #: Flask view, before its first hand-off): the body is only the rest,
+        #: so only that reader may read it; anyone else gets BodyReadError (G5).
+        self.partial_reader: t.Any = None
         if raw is None or length == 0:
             self._spool.end()
 
@@ -533,10 +537,21 @@ class SharedBody(_Reader):
 
     def read_whole(self) -> bytes:
         """The complete body (waits for it), or the error that stopped it."""
+        self._check_whole()
         return self._read_at(0, -1)
+
+    def _check_whole(self) -> None:
+        partial = self.partial_reader
+        if partial is not None and reader_key() is not partial:
+            raise BodyReadError(
+                "the view read part of the request body's raw stream before its first hand-off, so "
+                "nobody kept those bytes: a child cannot read the whole body (read the body, or "
+                "parse it, before handing off; or pass the part read to the child)"
+            )
 
     def cursor(self) -> BodyCursor:
         """A reader of its own, from the first byte (for a parser)."""
+        self._check_whole()
         return BodyCursor(self)
 
     # -- file-like, one position per greenlet --------------------------------
@@ -554,6 +569,8 @@ class SharedBody(_Reader):
         return self
 
     def _at(self) -> int:
+        if self.partial_reader is not None:
+            self._check_whole()
         return self._cursors.get(reader_key(), 0)
 
     def _move(self, position: int) -> None:
@@ -820,7 +837,8 @@ def share_wsgi_input(
         length = _content_length(environ)
         raw = environ["wsgi.input"]
     if length is None and not (
-        "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and environ.get("wsgi.input_terminated")
+        environ.get("wsgi.input_terminated")
+        and (source is not None or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower())
     ):
         # Neither a length nor a self-terminating chunked input: like
         # Werkzeug, there is no body to read safely.

@@ -86,7 +86,7 @@ from greenlet import getcurrent
 from werkzeug.datastructures import CallbackDict
 
 from . import _flask_compat as compat
-from . import _greenlet_locals, errorlog, stragglers
+from . import _greenlet_locals, _servers, errorlog, stragglers
 from ._flask_appcontext import fork_g, forked_g, unfork_g
 from ._site import _INTERNAL_DIRS, Site, package_dirs, site_of
 from .body import (
@@ -97,6 +97,7 @@ from .body import (
     SharedBody,
     SharedFile,
     has_body,
+    reader_key,
     share_wsgi_input,
 )
 from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
@@ -740,18 +741,21 @@ def _share_body(state: _Request, request: t.Any, environ: dict[str, t.Any]) -> S
     if existing is not None:
         return None  # gone
     read = request.__dict__
-    source: tuple[t.Any, int] | None = None
+    source: tuple[t.Any, int | None] | None = None
+    partial = False
     if "_cached_data" in read:
         data = read["_cached_data"]
         source = (io.BytesIO(data), len(data))
     elif "form" in read or "stream" in read:
         stream = read.get("stream")
-        limit = getattr(stream, "limit", None)
-        position = getattr(stream, "_pos", None)  # Werkzeug 2.3+'s LimitedStream
-        if "form" not in read and isinstance(limit, int) and isinstance(position, int) and position < limit:
-            source = (stream, limit - position)  # the rest, where the view left it
-        else:
+        given, left = (None, None) if "form" in read or stream is None else _servers.progress(stream)
+        if "form" in read or left == 0:
             source = (io.BytesIO(b""), 0)  # consumed: what Werkzeug gives now
+        else:
+            # The rest, where the view left it: the view's only, unless the
+            # stream says nothing was read (G5: a child gets BodyReadError).
+            source = (stream, left)
+            partial = given != 0
     body = share_wsgi_input(
         environ,
         lambda: request.max_content_length,
@@ -762,6 +766,8 @@ def _share_body(state: _Request, request: t.Any, environ: dict[str, t.Any]) -> S
         owner=(get_hub(), _get_ident()),
         source=source,
     )
+    if partial:
+        body.partial_reader = reader_key()  # the view (G5: a child gets BodyReadError)
     files = read.get("files")
     if files is not None:
         for _name, upload in files.items(multi=True):

@@ -552,3 +552,65 @@ def test_body_never_read_stays_readable_after_a_test_client_response():
         assert response.status_code == 200
         assert request.form["a"] == "b"
         assert request.data == b""  # form data: as Werkzeug documents
+
+
+# -- 6. a raw stream the view began to read before its first hand-off ----------------
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["pywsgi-input", "wrapped-input"])
+@pytest.mark.parametrize("consumer", ["stream", "get_data", "input_stream"])
+def test_child_raw_read_after_a_partial_read_before_the_handoff_is_a_clear_error(serve, consumer, counted):
+    # G5: the view read 100 bytes of the raw stream straight from Werkzeug (no
+    # hand-off yet, so nothing kept them); a child cannot get the whole body,
+    # and must not get its tail as if it were the body: BodyReadError. The
+    # view itself goes on reading where it stopped, as with Werkzeug alone:
+    # on pywsgi's own input (which says how far it was read) and on an input
+    # a middleware wrapped (which does not).
+    app = make_app()
+    counters = count_socket_reads(app) if counted else None
+    seen: dict[str, t.Any] = {}
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        head = request.stream.read(100)
+        child = geventctx.spawn(lambda: CONSUMERS[consumer]())
+        child.join(JOIN_TIMEOUT)
+        seen["child"] = child.exception if child.dead else "hung"
+        seen["child_value"] = child.value
+        seen["view"] = head + request.stream.read()
+        return "read"
+
+    data = os.urandom(5000)
+    response = serve(app).request(
+        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
+    )
+
+    assert response.status == 200
+    assert isinstance(seen["child"], BodyReadError), seen
+    assert "before" in str(seen["child"]) and "hand-off" in str(seen["child"])
+    assert seen["view"] == data  # the view's own reads are Werkzeug's: whole, in order
+    if counters is not None:
+        assert counters[0][0] == len(data)  # read from the socket once
+
+
+def test_child_reads_the_whole_body_when_the_view_only_looked_at_the_stream(serve):
+    # request.stream looked at (nothing read) before the hand-off: the body
+    # is whole for everyone, not an error and not empty.
+    app = make_app()
+    seen: dict[str, t.Any] = {}
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        seen["stream"] = request.stream
+        child = geventctx.spawn(request.get_data)
+        seen["child"] = child.get(timeout=JOIN_TIMEOUT)
+        seen["view"] = request.get_data()
+        return "read"
+
+    data = os.urandom(5000)
+    response = serve(app).request(
+        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
+    )
+
+    assert response.status == 200
+    assert seen["child"] == data and seen["view"] == data
