@@ -20,6 +20,7 @@ while it runs.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import typing as t
@@ -43,8 +44,10 @@ from .scope import _PENDING, _SCOPE, Scope, scope_for_handoff
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
 
+log = logging.getLogger("geventctx")
 _getframe = sys._getframe
 _base_start = gevent.Greenlet.start
+_base_run = gevent.Greenlet.run
 _base_start_later = gevent.Greenlet.start_later
 _entry = registry.entry
 _live = registry._live
@@ -226,17 +229,11 @@ class Ending:
         try:
             result = self.function(*args, **kwargs)
         except BaseException as error:
-            try:
-                if ends is not None:
-                    run_ends(ends, error, self.site)
-            finally:
-                _release_at_end(getcurrent())
-            raise
-        try:
             if ends is not None:
-                run_ends(ends, None, self.site)
-        finally:
-            _release_at_end(getcurrent())
+                run_ends(ends, error, self.site)
+            raise
+        if ends is not None:
+            run_ends(ends, None, self.site)
         return result
 
     def never_ran(self, child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
@@ -261,41 +258,42 @@ class Ending:
         return getattr(self.function, name)
 
 
-class _Releasing:
-    """The function of a child that holds a request scope and has no ends:
-    at its end, in the child, it gives its hold back (:func:`_release_at_end`)."""
-
-    __slots__ = ("function",)
-
-    def __init__(self, function: t.Callable[..., t.Any]) -> None:
-        self.function = function
-
-    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        try:
-            return self.function(*args, **kwargs)
-        finally:
-            _release_at_end(getcurrent())
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self.function, name)
-
-
 def _release_at_end(child: t.Any) -> None:
     """The rule for a child's hold: a geventctx greenlet that ran gives its
     hold on its request back at its own end, in its greenlet, once its
-    function (and its ends) returned or raised — unless it is the last
-    holder: the request's end (its teardown steps) then runs where it did,
-    from the child's link, in a greenlet of its own (not killable through
-    the child, not delaying the child's result). A child given back here
-    drops that link: no hub callback per child (P4). One that never ran is
-    released by its link (:func:`_finished`)."""
+    function (and its ends) returned or raised and gevent recorded its
+    result (:meth:`Greenlet.run`: joiners and links are due, ``ready()`` is
+    true). The last holder (the request ended before it) then runs the
+    request's end steps (its deferred teardown, the response's close) right
+    here, in the request's Context: no hub callback and no extra greenlet
+    per request (P4). While they run, a kill aimed at the child is held
+    back, then dropped: the child's result stands (:meth:`Greenlet.throw`);
+    a step's failure is logged, never the child's. One that never ran is
+    released by its link (:func:`_finished`), and so is a greenlet of
+    another class handed off (a pool's ``greenlet_class``, a raw greenlet)."""
     scope = getattr(child, "_geventctx_scope", None)
-    if scope is None or scope._holders <= 1 or getattr(child, "_geventctx_started", None) is None:
+    if scope is None or getattr(child, "_geventctx_started", None) is None:
         return
     child._geventctx_started = None
     child.unlink(_finished)
     scope.children.pop(id(child), None)
-    scope.release()
+    if scope._holders > 1:
+        scope.release()
+        return
+    _shielded[child] = []
+    try:
+        scope.release()
+    except BaseException:
+        log.exception("the end of request %r, run by its last child, failed", scope.label)
+    finally:
+        held = _shielded.pop(child, ())
+    if held:
+        log.debug("kill of %r while it ran its request's end: dropped (its function had ended)", child)
+
+
+#: Children running their request's end steps (as its last holder), with the
+#: kills that reached them meanwhile (see _release_at_end).
+_shielded: dict[t.Any, list[tuple[t.Any, ...]]] = {}
 
 
 def _kill_of(child: t.Any) -> BaseException | None:
@@ -381,6 +379,21 @@ class Greenlet(gevent.Greenlet):
     __slots__ = (
         "_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started", "_geventctx_ending",
     )
+
+    def run(self) -> None:
+        # gevent's own run records the result; then the hold goes back.
+        try:
+            _base_run(self)
+        finally:
+            if getattr(self, "_geventctx_started", None) is not None:
+                _release_at_end(self)
+
+    def throw(self, *args: t.Any) -> t.Any:
+        # gevent's kill(), killall() and Timeout-free kills all come here.
+        if _shielded and self in _shielded:
+            _shielded[self].append(args)  # running its request's end: _release_at_end
+            return None
+        return greenlet.throw(self, *args)
 
     def _attach_once(self) -> None:
         if not hasattr(self, "_geventctx_started"):
@@ -500,9 +513,6 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         ends = context.run(_run_forks)
         if ends is not None:
             ending = child._run = Ending(function, ends, context, child._geventctx_site)
-    if ending is None and scope is not None:
-        # Gives its hold back at its own end (P4: no link callback per child).
-        child._run = _Releasing(function)
     child._geventctx_ending = ending  # always set: _finished reads the slot without a default
     child.gr_context = context
     child._geventctx_scope = scope
