@@ -49,11 +49,11 @@ _getframe = sys._getframe
 _base_start = gevent.Greenlet.start
 _base_run = gevent.Greenlet.run
 _base_start_later = gevent.Greenlet.start_later
-_entry = registry.entry
+_record = registry.record
 _live = registry._live
 _pop = _live.pop
 _unscoped = registry._unscoped
-_entry_of = registry.entry_of
+_record_of = registry.record_of
 _LAZY_SITE = registry.LAZY_SITE
 _ref = weakref.ref
 _monotonic = time.monotonic
@@ -78,8 +78,8 @@ def helper_site() -> Site | None:
     stack holds no user code: its workers report the helper's site, which
     is the user's call that started the map.
     """
-    helper = _entry_of(getcurrent())
-    return helper[4] if helper is not None else None
+    helper = _record_of(getcurrent())
+    return helper.site if helper is not None else None
 
 
 def caller_site(frame: t.Any) -> Site | None:
@@ -160,7 +160,7 @@ def bind(
         if scope is None:
             _unscoped[id(child)] = _ref(child)
     else:
-        _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+        _live[id(child)] = _record(child, getcurrent(), scope, function, site)
     if scope is not None:
         scope.children[id(child)] = child
     child.rawlink(_finished)
@@ -186,15 +186,15 @@ def _finished(child: gevent.Greenlet) -> None:
             if ending is None or ending.ends is None or not ending.never_ran(child, scope.release):
                 scope.release()
         return
-    entry = _pop(id(child), None)
-    if entry is not None:
+    record = _pop(id(child), None)
+    if record is not None:
         if not isinstance(child, greenlet):
             # A ThreadPool task (its AsyncResult): its error, held back by
             # the error log, is reported here, where the task is known.
             error = child.exception
             if error is not None:
-                errorlog.report_task(entry, error)
-        scope = entry[2]
+                errorlog.report_task(record, error)
+        scope = record.scope
         if scope is not None:
             scope.children.pop(id(child), None)
             scope.release()
@@ -274,7 +274,7 @@ def _release_at_end(child: t.Any) -> None:
     scope = getattr(child, "_geventctx_scope", None)
     if scope is None or getattr(child, "_geventctx_started", None) is None:
         return
-    child._geventctx_started = None
+    child._geventctx_started = child._geventctx_ending = None
     child.unlink(_finished)
     scope.children.pop(id(child), None)
     if scope._holders > 1:
@@ -372,7 +372,7 @@ class Greenlet(gevent.Greenlet):
     .. versionadded:: 0.1
     """
 
-    # The hand-off's record (registry.entry_of): scope, function, spawn
+    # The hand-off's record (registry.HandOff's fields): scope, function, spawn
     # site (or registry.LAZY_SITE: read from gevent's spawning_stack when
     # asked) and start time, None once it ended.
     # Set (to a time, or None once ended) exactly when it was handed off.
@@ -411,12 +411,12 @@ class Greenlet(gevent.Greenlet):
         # Shown by gevent's run-info output (gevent.util.print_run_info) for
         # every greenlet: which request a hand-off belongs to, and its site.
         base: str = gevent.Greenlet.__repr__(self)
-        entry = _entry_of(self)
-        if entry is None:
+        record = _record_of(self)
+        if record is None:
             return base
-        scope = entry[2]
+        scope = record.scope
         request = scope.label if scope is not None else "no request"
-        return f"{base[:-1]} [geventctx: {request}, spawned at {format_site(entry[4])}]>"
+        return f"{base[:-1]} [geventctx: {request}, spawned at {format_site(record.site)}]>"
 
 
 class _Spawned(Greenlet):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import typing as t
 import weakref
 
@@ -50,7 +49,6 @@ log = logging.getLogger("geventctx")
 
 _getframe = sys._getframe
 _ref = weakref.ref
-_monotonic = time.monotonic
 #: gevent's classes, kept: a test harness may replace the module's attribute
 #: with this subclass.
 _GeventThreadPool = gevent.threadpool.ThreadPool
@@ -162,7 +160,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # queueing and waiting makes the worker wait for the GIL (a handoff
         # of ~10 µs per task on a 2-core VM); after, only the two inserts
         # and the link remain.
-        parent, started = _ref(getcurrent()), _monotonic()
+        record = registry.record(None, getcurrent(), scope, function, site, context)
         try:
             result = _GeventThreadPool.spawn(self, func, *args, **task_kwargs)
         except BaseException:
@@ -170,10 +168,10 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
                 scope.release()
             raise
         key = id(result)
-        # The task's context rides in the entry (after the common six): its
-        # error is logged in it (errorlog.report_task), where the request's
-        # logging and Sentry state live.
-        _live[key] = (_ref(result), parent, scope, function, site, started, context)
+        # The task's context rides in its record: its error is logged in it
+        # (errorlog.report_task), where the request's logging and Sentry state live.
+        record._greenlet = _ref(result)
+        _live[key] = record
         if scope is not None:
             scope.children[key] = result
         result.rawlink(_finished)
