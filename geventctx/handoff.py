@@ -113,6 +113,23 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     return scope
 
 
+def take(site: Site | None) -> tuple[Scope | None, Context, End | None]:
+    """The hand-off itself, in the spawner, for a child about to start: the
+    request's scope pinned for it (:func:`pin_current_scope`), then its
+    Context with every fork run in it, and the ends the forks gave it.
+
+    Every kind of hand-off takes its child's part here — :func:`attach`
+    (``spawn_later``, ``Greenlet.start``, the pools, TaskGroup), the
+    ThreadPool, the Executor (at ``submit``) — and registers the child with
+    :func:`bind` (the ThreadPool: its own record). :func:`spawn` does the
+    same inlined (P1: a call less per spawn); ``patch()`` takes the Context
+    and ends only (a patched greenlet holds no request).
+    """
+    scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
+    context, ends = _handoff_context()
+    return scope, context, ends
+
+
 def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) -> None:
     """Hand the running context to the unstarted gevent greenlet ``child``.
 
@@ -122,8 +139,7 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     if site is None:
         site = helper_site()
-    scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
-    context, ends = _handoff_context()
+    scope, context, ends = take(site)
     bind(child, context, scope, site, function, ends)
 
 
@@ -482,7 +498,7 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
 
     .. versionadded:: 0.1
     """
-    # attach() and bind(), inlined: this is the hot path of the P1 budget.
+    # take() and bind(), inlined: this is the hot path of the P1 budget.
     # The site is read lazily from the stack gevent records for every
     # greenlet (spawning_stack), when a log or the registry asks for it.
     current = _SCOPE.get()
@@ -537,9 +553,7 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
     hand_over_class(child)
-    scope = pin_current_scope(site)
-    context, ends = _handoff_context()
-    bind(child, context, scope, site, function, ends)
+    attach(child, site, function)
     _base_start(child)
     return child
 

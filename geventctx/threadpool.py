@@ -38,8 +38,7 @@ from gevent.event import AsyncResult
 from greenlet import getcurrent, greenlet
 
 from . import registry
-from .forks import handoff_context
-from .handoff import Ending, _finished, caller_site, end_now_if_never_ran, pin_current_scope
+from .handoff import Ending, _finished, caller_site, end_now_if_never_ran, take
 from .pool import _ContextMappingMixin
 from .registry import _live
 
@@ -147,8 +146,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
-        scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
-        context, ends = handoff_context()
+        scope, context, ends = take(site)
         function = func
         if ends is not None:
             # Its own app context (geventctx.forks), torn down in the worker
