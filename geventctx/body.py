@@ -186,6 +186,8 @@ class SharedBody(_Reader):
         input was left out of step.
     :param owner: ``(hub, thread id)`` of the request, when the body is made
         in another thread (its socket belongs to the request's hub).
+    :param data: the whole body, read already (``raw`` is then ``None``):
+        nothing is left to read, no copy is made.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class SharedBody(_Reader):
         directory: str | None = None,
         environ: dict[str, t.Any] | None = None,
         owner: tuple[t.Any, int] | None = None,
+        data: bytes | None = None,
     ) -> None:
         super().__init__()
         self.raw = raw
@@ -230,7 +233,15 @@ class SharedBody(_Reader):
         #: Flask view, before its first hand-off): the body is only the rest,
         #: so only that reader may read it; anyone else gets BodyReadError (G5).
         self.partial_reader: t.Any = None
-        if raw is None or length == 0:
+        if data is not None:
+            # The whole body, read already (a framework's cache): kept as it
+            # is, in memory whatever its size (its reader holds it anyway).
+            spool = self._spool
+            spool.hold()
+            spool.append(data)
+            spool.unhold()
+            spool.end()
+        elif raw is None or length == 0:
             self._spool.end()
 
     # -- state -------------------------------------------------------------
@@ -811,7 +822,7 @@ def share_wsgi_input(
     directory: str | None = None,
     scope: t.Any = None,
     owner: tuple[t.Any, int] | None = None,
-    source: tuple[Readable | None, int | None] | None = None,
+    source: tuple[Readable | bytes | None, int | None] | None = None,
 ) -> SharedBody:
     """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
 
@@ -829,14 +840,20 @@ def share_wsgi_input(
             body.add_limit(max_length)
         return body
     raw: Readable | None
+    data: bytes | None = None
     if source is not None:
         # What is left of a body a framework began to read itself (the
-        # Flask extension, at a request's first hand-off): ``(raw, length)``.
-        raw, length = source
+        # Flask extension, at a request's first hand-off): ``(raw, length)``;
+        # ``raw`` is ``bytes`` when the framework read it all (its cache).
+        given, length = source
+        if isinstance(given, bytes):
+            data, raw, length = given, None, len(given)
+        else:
+            raw = given
     else:
         length = _content_length(environ)
         raw = environ["wsgi.input"]
-    if length is None and not (
+    if data is None and length is None and not (
         environ.get("wsgi.input_terminated")
         and (source is not None or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower())
     ):
@@ -844,7 +861,8 @@ def share_wsgi_input(
         # Werkzeug, there is no body to read safely.
         raw = None
     body = SharedBody(
-        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ, owner=owner
+        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ, owner=owner,
+        data=data,
     )
     if max_length is not None:
         body.add_limit(max_length)

@@ -745,7 +745,7 @@ def _share_body(state: _Request, request: t.Any, environ: dict[str, t.Any]) -> S
     partial = False
     if "_cached_data" in read:
         data = read["_cached_data"]
-        source = (io.BytesIO(data), len(data))
+        source = (data, len(data))  # read whole: kept as it is, nothing to read
     elif "form" in read or "stream" in read:
         stream = read.get("stream")
         given, left = (None, None) if "form" in read or stream is None else _servers.progress(stream)
