@@ -20,7 +20,6 @@ while it runs.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import typing as t
@@ -40,11 +39,11 @@ from .errors import LateEffectWarning
 from .forks import End, Ends, _forks
 from .forks import handoff_context as _handoff_context
 from .forks import run_forks as _run_forks
+from .request_end import _shielded, child_ended
 from .scope import _PENDING, _SCOPE, Scope, scope_for_handoff
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
 
-log = logging.getLogger("geventctx")
 _getframe = sys._getframe
 _base_start = gevent.Greenlet.start
 _base_run = gevent.Greenlet.run
@@ -279,37 +278,17 @@ def _release_at_end(child: t.Any) -> None:
     hold on its request back at its own end, in its greenlet, once its
     function (and its ends) returned or raised and gevent recorded its
     result (:meth:`Greenlet.run`: joiners and links are due, ``ready()`` is
-    true). The last holder (the request ended before it) then runs the
-    request's end steps (its deferred teardown, the response's close) right
-    here, in the request's Context: no hub callback and no extra greenlet
-    per request (P4). While they run, a kill aimed at the child is held
-    back, then dropped: the child's result stands (:meth:`Greenlet.throw`);
-    a step's failure is logged, never the child's. One that never ran is
-    released by its link (:func:`_finished`), and so is a greenlet of
-    another class handed off (a pool's ``greenlet_class``, a raw greenlet)."""
+    true) — :func:`geventctx.request_end.child_ended`, where the last holder
+    runs the request's end. One that never ran is released by its link
+    (:func:`_finished`), and so is a greenlet of another class handed off
+    (a pool's ``greenlet_class``, a raw greenlet)."""
     scope = getattr(child, "_geventctx_scope", None)
     if scope is None or getattr(child, "_geventctx_started", None) is None:
         return
     child._geventctx_started = child._geventctx_ending = None
     child.unlink(_finished)
     scope.children.pop(id(child), None)
-    if scope._holders > 1:
-        scope.release()
-        return
-    _shielded[child] = []
-    try:
-        scope.release()
-    except BaseException:
-        log.exception("the end of request %r, run by its last child, failed", scope.label)
-    finally:
-        held = _shielded.pop(child, ())
-    if held:
-        log.debug("kill of %r while it ran its request's end: dropped (its function had ended)", child)
-
-
-#: Children running their request's end steps (as its last holder), with the
-#: kills that reached them meanwhile (see _release_at_end).
-_shielded: dict[t.Any, list[tuple[t.Any, ...]]] = {}
+    child_ended(child, scope)
 
 
 def _kill_of(child: t.Any) -> BaseException | None:
@@ -405,9 +384,10 @@ class Greenlet(gevent.Greenlet):
                 _release_at_end(self)
 
     def throw(self, *args: t.Any) -> t.Any:
-        # gevent's kill(), killall() and Timeout-free kills all come here.
+        # gevent's kill() and killall() come here: held back while this
+        # child runs its request's end (geventctx.request_end.child_ended).
         if _shielded and self in _shielded:
-            _shielded[self].append(args)  # running its request's end: _release_at_end
+            _shielded[self].append(args)
             return None
         return greenlet.throw(self, *args)
 
