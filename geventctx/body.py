@@ -67,7 +67,6 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from . import _servers
 from ._wakeup import Changes
 from .errors import BodyReadError, BodyTimeout
-from .isolation import after_close
 from .spool import DEFAULT_MEMORY_LIMIT, Spool
 
 __all__ = [
@@ -233,6 +232,10 @@ class SharedBody(_Reader):
         #: Flask view, before its first hand-off): the body is only the rest,
         #: so only that reader may read it; anyone else gets BodyReadError (G5).
         self.partial_reader: t.Any = None
+        #: Set when the response was written: the capture for children
+        #: (``True``) or the settling of the input is due, outside the
+        #: request's Context (:func:`geventctx.request_end.after_response`).
+        self.end_due: bool | None = None
         if data is not None:
             # The whole body, read already (a framework's cache): kept as it
             # is, in memory whatever its size (its reader holds it anyway).
@@ -898,8 +901,12 @@ def end_of_response(environ: dict[str, t.Any], scope: t.Any) -> None:
         if body.owner is scope:
             scope.defer(body.release)
         children = scope.holders > 0
-        if killed or not after_close(environ, lambda: body.end_response(children=children)):
-            body.end_response(children=children, killed=killed)
+        if killed:
+            body.end_response(children=children, killed=True)
+        else:
+            # It may wait for the client: after the response's close(),
+            # outside the request's Context (geventctx.request_end.after_response).
+            body.end_due = children
     elif body is None and has_body(environ) and _servers.reads_a_socket(environ, environ.get("wsgi.input")):
         # The server discards the unread body now: a later first read would
         # race it for the socket. (A test client's input is in memory, and

@@ -11,8 +11,10 @@ Flask extension and the WSGI middleware alike, in the request's own Context:
    (:class:`~geventctx.scope.Scope`, one queue). Children still running
    are watched as stragglers; the scope stops being current.
 2. :func:`response_closed` — the server closes the response: its
-   ``close()`` becomes the last step, and the body children may still read
-   is captured now, never before the response (:mod:`geventctx.body`).
+   ``close()`` becomes the last step; then :func:`after_response`, the
+   adapter's ``after`` hook of :class:`~geventctx.isolation.IsolatedApp`,
+   outside the request's Context (it may wait): the body children may still
+   read is captured now, never before the response (:mod:`geventctx.body`).
 
 And one moment of each child that held the request:
 
@@ -40,10 +42,10 @@ import typing as t
 from contextvars import Token
 
 from . import stragglers
-from .body import end_of_response
+from .body import ENVIRON_BODY, SharedBody, end_of_response
 from .scope import Scope
 
-__all__ = ["owner_ended", "response_closed", "child_ended"]
+__all__ = ["owner_ended", "response_closed", "after_response", "child_ended"]
 
 log = logging.getLogger("geventctx")
 
@@ -85,6 +87,16 @@ def response_closed(scope: Scope, environ: dict[str, t.Any], close: t.Callable[[
     if close is not None:
         scope.defer(close)
     end_of_response(environ, scope)
+
+
+def after_response(environ: dict[str, t.Any]) -> None:
+    """After the response's ``close()``, outside the request's Context: the
+    body's end that :func:`response_closed` made due (the capture for the
+    children, or settling the server's input), which may wait for the client."""
+    body = environ.get(ENVIRON_BODY)
+    if isinstance(body, SharedBody) and body.end_due is not None:
+        children, body.end_due = body.end_due, None
+        body.end_response(children=children)
 
 
 def child_ended(child: t.Any, scope: Scope) -> None:
