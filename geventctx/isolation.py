@@ -250,7 +250,7 @@ class IsolatedApp:
                         else:
                             context.run(self.end, environ, None)
                 finally:
-                    if self.after is not None:
+                    if self.after is not None and home is not None:
                         self.after(environ)
                 raise
             # IsolatedResponse(context, result, environ, self.end, self.after), with no
@@ -372,6 +372,9 @@ class IsolatedResponse:
         if home is not None and home.context is context:
             IsolatedIterable(home, self._result, environ, self._hook, self._after).close()
             return
+        # No scope was made in this Context (it would have made its
+        # RequestContext): nothing of the adapter's "after" part is due,
+        # unless the end itself made one.
         close = getattr(self._result, "close", None)
         try:
             if self._hook is not None:
@@ -379,5 +382,5 @@ class IsolatedResponse:
             elif close is not None:
                 context.run(close)
         finally:
-            if self._after is not None:
+            if self._after is not None and context.get(_HOME) is not None:
                 self._after(environ)
