@@ -70,7 +70,9 @@ def _app(straggler_timeout: float, release: Event, torn_down: list[int]) -> flas
             geventctx.spawn(release.wait)
         return "ok"
 
-    app.teardown_appcontext(lambda exc: torn_down.append(1))
+    # teardown_request: once per request (each child's own app context is
+    # torn down too, G4, so teardown_appcontext runs 1 + CHILDREN times).
+    app.teardown_request(lambda exc: torn_down.append(1))
     return app
 
 
