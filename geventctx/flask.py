@@ -102,7 +102,7 @@ from .body import (
 )
 from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
-from .request import SharedBodyRequest
+from .request import SharedBodyRequest, mixed_class
 from .request_end import after_response, owner_ended, response_closed
 from .scope import _PENDING, ENVIRON_SCOPE, Scope, register_opener
 
@@ -849,19 +849,11 @@ class _ManagedRequest(SharedBodyRequest):
 def _unshared_class(cls: type) -> type:
     if issubclass(cls, (_UnsharedRequest, SharedBodyRequest)):
         return cls
-    made: type | None = cls.__dict__.get("_geventctx_unshared_class")
-    if made is None:
-        made = type(cls.__name__, (_UnsharedRequest, cls), {"__module__": cls.__module__})
-        cls._geventctx_unshared_class = made  # type: ignore[attr-defined]
-    return made
+    return mixed_class(_UnsharedRequest, cls, "_geventctx_unshared_class")
 
 
 def _managed_class(cls: type) -> type:
-    made: type | None = cls.__dict__.get("_geventctx_managed_class")
-    if made is None:
-        made = type(cls.__name__, (_ManagedRequest, cls), {"__module__": cls.__module__})
-        cls._geventctx_managed_class = made  # type: ignore[attr-defined]
-    return made
+    return mixed_class(_ManagedRequest, cls, "_geventctx_managed_class")
 
 
 def _defer_request_close(request: t.Any) -> bool:

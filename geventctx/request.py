@@ -166,15 +166,18 @@ def _form_settled(state: dict[str, t.Any], mark: object) -> t.Callable[[], bool]
     return lambda: state.get("_geventctx_form") is not mark or "form" in state
 
 
-def shared_body_request_class(cls: type) -> type:
-    """``cls`` with :class:`SharedBodyRequest` in front, made once per class.
+def mixed_class(mixin: type, cls: type, key: str) -> type:
+    """``cls`` with ``mixin`` in front, made once per class and kept on
+    ``cls`` itself under ``key``, so it lives exactly as long."""
+    made: type | None = cls.__dict__.get(key)
+    if made is None:
+        made = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+        setattr(cls, key, made)
+    return made
 
-    The subclass is kept on ``cls`` itself, so it lives exactly as long.
-    """
+
+def shared_body_request_class(cls: type) -> type:
+    """``cls`` with :class:`SharedBodyRequest` in front, made once per class."""
     if issubclass(cls, SharedBodyRequest):
         return cls
-    made: type | None = cls.__dict__.get("_geventctx_shared_class")
-    if made is None:
-        made = type(cls.__name__, (SharedBodyRequest, cls), {"__module__": cls.__module__})
-        cls._geventctx_shared_class = made  # type: ignore[attr-defined]
-    return made
+    return mixed_class(SharedBodyRequest, cls, "_geventctx_shared_class")

@@ -179,6 +179,13 @@ def reader_app(
     return app, probe
 
 
+def post_octets(server: t.Any, data: bytes) -> t.Any:
+    """POST ``data`` to /read as application/octet-stream, in one piece."""
+    return server.request(
+        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
+    )
+
+
 def send(server: t.Any, body: bytes, content_type: str, transfer: str, **kwargs: t.Any) -> t.Any:
     return upload(server, "/read?q=1", body, content_type, transfer, CLIENT_TIMEOUT, **kwargs)
 
@@ -442,9 +449,7 @@ def test_off_mode_leaves_werkzeug_alone(serve):
         return "done"
 
     data = os.urandom(3000)
-    response = serve(app).request(
-        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
-    )
+    response = post_octets(serve(app), data)
 
     assert response.status == 200
     assert not isinstance(seen["input"], SharedBody)
@@ -486,9 +491,7 @@ def test_child_reading_after_the_response_still_gets_the_whole_body(serve):
 
     data = os.urandom(50_000)
     try:
-        response = serve(app).request(
-            "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
-        )
+        response = post_octets(serve(app), data)
         before = list(events)
     finally:
         go.set()  # the response is in: let the child read now
@@ -581,9 +584,7 @@ def test_child_raw_read_after_a_partial_read_before_the_handoff_is_a_clear_error
         return "read"
 
     data = os.urandom(5000)
-    response = serve(app).request(
-        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
-    )
+    response = post_octets(serve(app), data)
 
     assert response.status == 200
     assert isinstance(seen["child"], BodyReadError), seen
@@ -608,9 +609,7 @@ def test_child_reads_the_whole_body_when_the_view_only_looked_at_the_stream(serv
         return "read"
 
     data = os.urandom(5000)
-    response = serve(app).request(
-        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
-    )
+    response = post_octets(serve(app), data)
 
     assert response.status == 200
     assert seen["child"] == data and seen["view"] == data
@@ -633,9 +632,7 @@ def test_a_body_the_view_read_whole_before_the_handoff_is_shared_as_it_is(serve)
         return "read"
 
     data = os.urandom(5000)
-    response = serve(app).request(
-        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
-    )
+    response = post_octets(serve(app), data)
 
     assert response.status == 200
     assert seen["loaded"] and seen["stream"] == data and seen["same"]
