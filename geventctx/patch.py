@@ -48,7 +48,7 @@ from greenlet import getcurrent
 
 from .forks import handoff_context
 from .handoff import Ending
-from .scope import _PENDING, scope_for_handoff
+from .scope import _PENDING, _SCOPE, scope_for_handoff
 
 __all__ = ["patch", "unpatch", "is_patched", "ENV_VAR"]
 
@@ -67,7 +67,7 @@ def _inherit(child: gevent.Greenlet) -> None:
             # From the hub: an empty context, never the hub's own.
             child.gr_context = Context()
             return
-        if _PENDING.get() is not None:
+        if _PENDING.get() is not None and _SCOPE.get() is None:
             # A request that has not handed off yet: the child sees its
             # scope as it would have before (and errorlog finds it there).
             scope_for_handoff()
