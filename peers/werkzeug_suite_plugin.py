@@ -5,15 +5,18 @@ with ``GEVENTCTX_WERKZEUG_SUITE=1``, every request body the tests read goes
 through geventctx's shared body (:class:`geventctx.body.SharedBody`):
 
 - every ``werkzeug.wrappers.Request`` (and every subclass: ``from_values``,
-  ``Request.application``, the apps the test client calls) built from an
-  environ first puts the environ's ``wsgi.input`` behind a shared body
+  ``Request.application``, the apps the test client calls) becomes, once
+  built, the subclass with :class:`geventctx.request.SharedBodyRequest` in
+  front, as the Flask extension's request does at a first hand-off; at its
+  first body read it puts the environ's ``wsgi.input`` behind a shared body
   (:func:`geventctx.body.share_wsgi_input`, its limit the request's
-  ``max_content_length``), then becomes the subclass with
-  :class:`geventctx.request.SharedBodyRequest` in front, as the Flask
-  extension's request does at a first hand-off: ``get_data``, ``data``,
-  ``json``, ``form``, ``files``, ``values``, ``stream`` and
-  ``input_stream`` all read through it. A shallow request is left alone
-  (Werkzeug forbids it to read);
+  ``max_content_length``), and ``get_data``, ``data``, ``json``, ``form``,
+  ``files``, ``values``, ``stream`` and ``input_stream`` all read through
+  it. At the first read, not when built: the ``Request`` Werkzeug's test
+  client makes for its own bookkeeping (``response.request``, whose
+  environ it reuses to follow a 307 redirect with the body) never reads,
+  and keeps its input, as a server's environ outside the app does. A
+  shallow request is left alone (Werkzeug forbids it to read);
 - ``FormDataParser.parse_from_environ`` (and so ``parse_form_data``)
   shares the environ's input first, so Werkzeug's parser reads the shared
   body (through ``get_input_stream``, which returns it as a terminated input).
@@ -55,17 +58,31 @@ if APPLY:
     from werkzeug.wrappers import Request
 
     from geventctx.body import SharedBody
-    from geventctx.request import shared_body_request_class
+    from geventctx.request import SharedBodyRequest
+
+    class _SharingAtFirstRead(SharedBodyRequest):
+        """Every body consumer asks for the shared body first: make it then."""
+
+        def shared_body(self) -> SharedBody | None:
+            if not self.shallow:
+                # The request's own limit, asked at the first read (as an adapter does).
+                _shared(self.environ, lambda: self.max_content_length)  # type: ignore[attr-defined]
+            return super().shared_body()
+
+    def _sharing_class(cls: type) -> type:
+        # Made once per class and kept on it, as shared_body_request_class does.
+        made: type | None = cls.__dict__.get("_geventctx_suite_class")
+        if made is None:
+            made = type(cls.__name__, (_SharingAtFirstRead, cls), {"__module__": cls.__module__})
+            cls._geventctx_suite_class = made  # type: ignore[attr-defined]
+        return made
 
     _original_init = Request.__init__
 
     def _init_sharing(self: Request, environ: t.Any, *args: t.Any, **kwargs: t.Any) -> None:
         _original_init(self, environ, *args, **kwargs)
-        if self.shallow:
-            return
-        # The request's own limit, asked at the first read (as an adapter does).
-        _shared(self.environ, lambda: self.max_content_length)
-        self.__class__ = shared_body_request_class(type(self))
+        if not isinstance(self, SharedBodyRequest):
+            self.__class__ = _sharing_class(type(self))
 
     Request.__init__ = _init_sharing  # type: ignore[method-assign]
 
