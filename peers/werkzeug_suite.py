@@ -9,8 +9,8 @@ runs its request-body tests twice in a venv of its own
 geventctx from this checkout, and what those tests need besides: pytest and
 ``ephemeral-port-reserve``, which Werkzeug's ``conftest.py`` imports):
 plain, and with every request body read through geventctx's shared body
-(``peers/werkzeug_suite_plugin.py``: each ``Request`` built from an environ,
-and ``parse_form_data``, share the environ's input first and read through
+(``peers/werkzeug_suite_plugin.py``: each ``Request``, at its first body
+read, and ``parse_form_data`` share the environ's input and read through
 it). Per test it compares the two outcomes (``judge.py``): a test that
 passes plain and fails (or errors, or does not run) with the shared body is
 a regression, and the exit status is 1. Tests that fail plain are reported
