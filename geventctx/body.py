@@ -67,7 +67,6 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from . import _servers
 from ._wakeup import Changes
 from .errors import BodyReadError, BodyTimeout
-from .isolation import after_close
 from .spool import DEFAULT_MEMORY_LIMIT, Spool
 
 __all__ = [
@@ -186,6 +185,8 @@ class SharedBody(_Reader):
         input was left out of step.
     :param owner: ``(hub, thread id)`` of the request, when the body is made
         in another thread (its socket belongs to the request's hub).
+    :param data: the whole body, read already (``raw`` is then ``None``):
+        nothing is left to read, no copy is made.
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class SharedBody(_Reader):
         directory: str | None = None,
         environ: dict[str, t.Any] | None = None,
         owner: tuple[t.Any, int] | None = None,
+        data: bytes | None = None,
     ) -> None:
         super().__init__()
         self.raw = raw
@@ -230,7 +232,19 @@ class SharedBody(_Reader):
         #: Flask view, before its first hand-off): the body is only the rest,
         #: so only that reader may read it; anyone else gets BodyReadError (G5).
         self.partial_reader: t.Any = None
-        if raw is None or length == 0:
+        #: Set when the response was written: the capture for children
+        #: (``True``) or the settling of the input is due, outside the
+        #: request's Context (:func:`geventctx.request_end.after_response`).
+        self.end_due: bool | None = None
+        if data is not None:
+            # The whole body, read already (a framework's cache): kept as it
+            # is, in memory whatever its size (its reader holds it anyway).
+            spool = self._spool
+            spool.hold()
+            spool.append(data)
+            spool.unhold()
+            spool.end()
+        elif raw is None or length == 0:
             self._spool.end()
 
     # -- state -------------------------------------------------------------
@@ -811,7 +825,7 @@ def share_wsgi_input(
     directory: str | None = None,
     scope: t.Any = None,
     owner: tuple[t.Any, int] | None = None,
-    source: tuple[Readable | None, int | None] | None = None,
+    source: tuple[Readable | bytes | None, int | None] | None = None,
 ) -> SharedBody:
     """Put ``environ["wsgi.input"]`` behind a :class:`SharedBody`, once.
 
@@ -829,14 +843,20 @@ def share_wsgi_input(
             body.add_limit(max_length)
         return body
     raw: Readable | None
+    data: bytes | None = None
     if source is not None:
         # What is left of a body a framework began to read itself (the
-        # Flask extension, at a request's first hand-off): ``(raw, length)``.
-        raw, length = source
+        # Flask extension, at a request's first hand-off): ``(raw, length)``;
+        # ``raw`` is ``bytes`` when the framework read it all (its cache).
+        given, length = source
+        if isinstance(given, bytes):
+            data, raw, length = given, None, len(given)
+        else:
+            raw = given
     else:
         length = _content_length(environ)
         raw = environ["wsgi.input"]
-    if length is None and not (
+    if data is None and length is None and not (
         environ.get("wsgi.input_terminated")
         and (source is not None or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower())
     ):
@@ -844,7 +864,8 @@ def share_wsgi_input(
         # Werkzeug, there is no body to read safely.
         raw = None
     body = SharedBody(
-        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ, owner=owner
+        raw, length, memory_limit=memory_limit, timeout=timeout, directory=directory, environ=environ, owner=owner,
+        data=data,
     )
     if max_length is not None:
         body.add_limit(max_length)
@@ -880,8 +901,12 @@ def end_of_response(environ: dict[str, t.Any], scope: t.Any) -> None:
         if body.owner is scope:
             scope.defer(body.release)
         children = scope.holders > 0
-        if killed or not after_close(environ, lambda: body.end_response(children=children)):
-            body.end_response(children=children, killed=killed)
+        if killed:
+            body.end_response(children=children, killed=True)
+        else:
+            # It may wait for the client: after the response's close(),
+            # outside the request's Context (geventctx.request_end.after_response).
+            body.end_due = children
     elif body is None and has_body(environ) and _servers.reads_a_socket(environ, environ.get("wsgi.input")):
         # The server discards the unread body now: a later first read would
         # race it for the socket. (A test client's input is in memory, and

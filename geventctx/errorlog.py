@@ -156,24 +156,20 @@ def install(hub: t.Any = None) -> None:
                 # A TaskGroup task: its group raises it, or reports it
                 # through report_claimed() when it cannot.
                 return
-            entry = registry.entry_of(child)
-            if (
-                entry is not None
-                and entry[2] is not None
-                and not entry[2].extras.get(OPT_OUT)
-            ):
-                function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
+            record = registry.record_of(child)
+            if record is not None and record.scope is not None and not record.scope.extras.get(OPT_OUT):
+                function = getattr(record.function, "__qualname__", None) or repr(record.function)
                 _report(
-                    entry[2],
+                    record.scope,
                     _context_of(child),
                     (type_, value, tb),
                     "child %s of request %s (spawned at %s) failed",
                     function,
-                    entry[2].label,
-                    format_site(entry[4]),
+                    record.scope.label,
+                    format_site(record.site),
                 )
                 return
-            if entry is None and _log_inheriting(context, type_, value, tb):
+            if record is None and _log_inheriting(context, type_, value, tb):
                 return
         original(context, type_, value, tb)
 
@@ -237,7 +233,7 @@ def report_claimed(child: t.Any, error: BaseException) -> None:
 _DEFERRED = "_geventctx_task_error"
 
 
-def report_task(entry: t.Any, error: BaseException) -> None:
+def report_task(record: registry.HandOff, error: BaseException) -> None:
     """A ThreadPool task ended with ``error``: log it once with its request
     and spawn site, or hand it to gevent's own ``handle_error``."""
     held = getattr(error, _DEFERRED, None)
@@ -249,17 +245,17 @@ def report_task(entry: t.Any, error: BaseException) -> None:
             delattr(error, _DEFERRED)
         except AttributeError:
             pass
-    scope = entry[2]
+    scope = record.scope
     if scope is not None and not scope.extras.get(OPT_OUT):
-        function = getattr(entry[3], "__qualname__", None) or repr(entry[3])
+        function = getattr(record.function, "__qualname__", None) or repr(record.function)
         _report(
             scope,
-            entry[6] if len(entry) > 6 else copy_context(),  # the task's context
+            record.context if record.context is not None else copy_context(),  # the task's context
             (type_, error, tb),
             "child %s of request %s (spawned at %s) failed",
             function,
             scope.label,
-            format_site(entry[4]),
+            format_site(record.site),
         )
         return
     original(context, type_, error, tb)

@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from . import _threads, handoff
 from ._site import Site, site_of
-from .forks import End, handoff_context
+from .forks import End
 from .scope import Scope
 
 __all__ = ["Executor", "Future"]
@@ -173,8 +173,7 @@ class Executor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = Future()
-        scope = handoff.pin_current_scope(site)
-        context, ends = handoff_context()
+        scope, context, ends = handoff.take(site)
         task = _Task(future, fn, args, kwargs, context, scope, site, ends)
         self._idle.clear()
         if self._max_workers is None or len(self._running) < self._max_workers:

@@ -103,7 +103,7 @@ from .body import (
 from .errors import LateEffectWarning, MisuseWarning, SessionMutationError, SessionMutationWarning
 from .isolation import IsolatedApp
 from .request import SharedBodyRequest
-from .request_end import owner_ended, response_closed
+from .request_end import after_response, owner_ended, response_closed
 from .scope import _PENDING, ENVIRON_SCOPE, Scope, register_opener
 
 __all__ = ["GeventContext", "DEFAULTS", "fork_g", "unfork_g", "forked_g"]
@@ -333,7 +333,7 @@ class GeventContext:
         # The app's own bound method is held weakly (no cycle); a middleware
         # the user put there before us is kept as it is.
         own = getattr(app.wsgi_app, "__self__", None) is app
-        app.wsgi_app = IsolatedApp(app.wsgi_app, _end_of_request, weak=own)  # type: ignore[method-assign]
+        app.wsgi_app = IsolatedApp(app.wsgi_app, _end_of_request, after=after_response, weak=own)  # type: ignore[method-assign]
         # A request reads its body as plain Werkzeug until its first
         # hand-off; then (or at request.shared_body()) every body consumer
         # reads the shared body (its class is swapped: _open).
@@ -745,7 +745,7 @@ def _share_body(state: _Request, request: t.Any, environ: dict[str, t.Any]) -> S
     partial = False
     if "_cached_data" in read:
         data = read["_cached_data"]
-        source = (io.BytesIO(data), len(data))
+        source = (data, len(data))  # read whole: kept as it is, nothing to read
     elif "form" in read or "stream" in read:
         stream = read.get("stream")
         given, left = (None, None) if "form" in read or stream is None else _servers.progress(stream)

@@ -39,18 +39,20 @@ from .errors import LateEffectWarning
 from .forks import End, Ends, _forks
 from .forks import handoff_context as _handoff_context
 from .forks import run_forks as _run_forks
+from .request_end import _shielded, child_ended
 from .scope import _PENDING, _SCOPE, Scope, scope_for_handoff
 
 __all__ = ["Greenlet", "spawn", "spawn_later", "attach"]
 
 _getframe = sys._getframe
 _base_start = gevent.Greenlet.start
+_base_run = gevent.Greenlet.run
 _base_start_later = gevent.Greenlet.start_later
-_entry = registry.entry
+_record = registry.record
 _live = registry._live
 _pop = _live.pop
 _unscoped = registry._unscoped
-_entry_of = registry.entry_of
+_record_of = registry.record_of
 _LAZY_SITE = registry.LAZY_SITE
 _ref = weakref.ref
 _monotonic = time.monotonic
@@ -75,8 +77,8 @@ def helper_site() -> Site | None:
     stack holds no user code: its workers report the helper's site, which
     is the user's call that started the map.
     """
-    helper = _entry_of(getcurrent())
-    return helper[4] if helper is not None else None
+    helper = _record_of(getcurrent())
+    return helper.site if helper is not None else None
 
 
 def caller_site(frame: t.Any) -> Site | None:
@@ -110,6 +112,23 @@ def pin_current_scope(site: Site | None) -> Scope | None:
     return scope
 
 
+def take(site: Site | None) -> tuple[Scope | None, Context, End | None]:
+    """The hand-off itself, in the spawner, for a child about to start: the
+    request's scope pinned for it (:func:`pin_current_scope`), then its
+    Context with every fork run in it, and the ends the forks gave it.
+
+    Every kind of hand-off takes its child's part here — :func:`attach`
+    (``spawn_later``, ``Greenlet.start``, the pools, TaskGroup), the
+    ThreadPool, the Executor (at ``submit``) — and registers the child with
+    :func:`bind` (the ThreadPool: its own record). :func:`spawn` does the
+    same inlined (P1: a call less per spawn); ``patch()`` takes the Context
+    and ends only (a patched greenlet holds no request).
+    """
+    scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
+    context, ends = _handoff_context()
+    return scope, context, ends
+
+
 def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) -> None:
     """Hand the running context to the unstarted gevent greenlet ``child``.
 
@@ -119,8 +138,7 @@ def attach(child: gevent.Greenlet, site: Site | None, function: t.Any = None) ->
     """
     if site is None:
         site = helper_site()
-    scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
-    context, ends = _handoff_context()
+    scope, context, ends = take(site)
     bind(child, context, scope, site, function, ends)
 
 
@@ -157,7 +175,7 @@ def bind(
         if scope is None:
             _unscoped[id(child)] = _ref(child)
     else:
-        _live[id(child)] = _entry(child, getcurrent(), scope, function, site)
+        _live[id(child)] = _record(child, getcurrent(), scope, function, site)
     if scope is not None:
         scope.children[id(child)] = child
     child.rawlink(_finished)
@@ -183,15 +201,15 @@ def _finished(child: gevent.Greenlet) -> None:
             if ending is None or ending.ends is None or not ending.never_ran(child, scope.release):
                 scope.release()
         return
-    entry = _pop(id(child), None)
-    if entry is not None:
+    record = _pop(id(child), None)
+    if record is not None:
         if not isinstance(child, greenlet):
             # A ThreadPool task (its AsyncResult): its error, held back by
             # the error log, is reported here, where the task is known.
             error = child.exception
             if error is not None:
-                errorlog.report_task(entry, error)
-        scope = entry[2]
+                errorlog.report_task(record, error)
+        scope = record.scope
         if scope is not None:
             scope.children.pop(id(child), None)
             scope.release()
@@ -226,17 +244,11 @@ class Ending:
         try:
             result = self.function(*args, **kwargs)
         except BaseException as error:
-            try:
-                if ends is not None:
-                    run_ends(ends, error, self.site)
-            finally:
-                _release_at_end(getcurrent())
-            raise
-        try:
             if ends is not None:
-                run_ends(ends, None, self.site)
-        finally:
-            _release_at_end(getcurrent())
+                run_ends(ends, error, self.site)
+            raise
+        if ends is not None:
+            run_ends(ends, None, self.site)
         return result
 
     def never_ran(self, child: t.Any, then: t.Callable[[], t.Any] | None = None) -> bool:
@@ -261,41 +273,22 @@ class Ending:
         return getattr(self.function, name)
 
 
-class _Releasing:
-    """The function of a child that holds a request scope and has no ends:
-    at its end, in the child, it gives its hold back (:func:`_release_at_end`)."""
-
-    __slots__ = ("function",)
-
-    def __init__(self, function: t.Callable[..., t.Any]) -> None:
-        self.function = function
-
-    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        try:
-            return self.function(*args, **kwargs)
-        finally:
-            _release_at_end(getcurrent())
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self.function, name)
-
-
 def _release_at_end(child: t.Any) -> None:
     """The rule for a child's hold: a geventctx greenlet that ran gives its
     hold on its request back at its own end, in its greenlet, once its
-    function (and its ends) returned or raised — unless it is the last
-    holder: the request's end (its teardown steps) then runs where it did,
-    from the child's link, in a greenlet of its own (not killable through
-    the child, not delaying the child's result). A child given back here
-    drops that link: no hub callback per child (P4). One that never ran is
-    released by its link (:func:`_finished`)."""
+    function (and its ends) returned or raised and gevent recorded its
+    result (:meth:`Greenlet.run`: joiners and links are due, ``ready()`` is
+    true) — :func:`geventctx.request_end.child_ended`, where the last holder
+    runs the request's end. One that never ran is released by its link
+    (:func:`_finished`), and so is a greenlet of another class handed off
+    (a pool's ``greenlet_class``, a raw greenlet)."""
     scope = getattr(child, "_geventctx_scope", None)
-    if scope is None or scope._holders <= 1 or getattr(child, "_geventctx_started", None) is None:
+    if scope is None or getattr(child, "_geventctx_started", None) is None:
         return
-    child._geventctx_started = None
+    child._geventctx_started = child._geventctx_ending = None
     child.unlink(_finished)
     scope.children.pop(id(child), None)
-    scope.release()
+    child_ended(child, scope)
 
 
 def _kill_of(child: t.Any) -> BaseException | None:
@@ -374,13 +367,29 @@ class Greenlet(gevent.Greenlet):
     .. versionadded:: 0.1
     """
 
-    # The hand-off's record (registry.entry_of): scope, function, spawn
+    # The hand-off's record (registry.HandOff's fields): scope, function, spawn
     # site (or registry.LAZY_SITE: read from gevent's spawning_stack when
     # asked) and start time, None once it ended.
     # Set (to a time, or None once ended) exactly when it was handed off.
     __slots__ = (
         "_geventctx_scope", "_geventctx_function", "_geventctx_site", "_geventctx_started", "_geventctx_ending",
     )
+
+    def run(self) -> None:
+        # gevent's own run records the result; then the hold goes back.
+        try:
+            _base_run(self)
+        finally:
+            if getattr(self, "_geventctx_started", None) is not None:
+                _release_at_end(self)
+
+    def throw(self, *args: t.Any) -> t.Any:
+        # gevent's kill() and killall() come here: held back while this
+        # child runs its request's end (geventctx.request_end.child_ended).
+        if _shielded and self in _shielded:
+            _shielded[self].append(args)
+            return None
+        return greenlet.throw(self, *args)
 
     def _attach_once(self) -> None:
         if not hasattr(self, "_geventctx_started"):
@@ -398,12 +407,12 @@ class Greenlet(gevent.Greenlet):
         # Shown by gevent's run-info output (gevent.util.print_run_info) for
         # every greenlet: which request a hand-off belongs to, and its site.
         base: str = gevent.Greenlet.__repr__(self)
-        entry = _entry_of(self)
-        if entry is None:
+        record = _record_of(self)
+        if record is None:
             return base
-        scope = entry[2]
+        scope = record.scope
         request = scope.label if scope is not None else "no request"
-        return f"{base[:-1]} [geventctx: {request}, spawned at {format_site(entry[4])}]>"
+        return f"{base[:-1]} [geventctx: {request}, spawned at {format_site(record.site)}]>"
 
 
 class _Spawned(Greenlet):
@@ -469,7 +478,7 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
 
     .. versionadded:: 0.1
     """
-    # attach() and bind(), inlined: this is the hot path of the P1 budget.
+    # take() and bind(), inlined: this is the hot path of the P1 budget.
     # The site is read lazily from the stack gevent records for every
     # greenlet (spawning_stack), when a log or the registry asks for it.
     current = _SCOPE.get()
@@ -500,9 +509,6 @@ def spawn(function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> Gr
         ends = context.run(_run_forks)
         if ends is not None:
             ending = child._run = Ending(function, ends, context, child._geventctx_site)
-    if ending is None and scope is not None:
-        # Gives its hold back at its own end (P4: no link callback per child).
-        child._run = _Releasing(function)
     child._geventctx_ending = ending  # always set: _finished reads the slot without a default
     child.gr_context = context
     child._geventctx_scope = scope
@@ -527,9 +533,7 @@ def _spawn_at(site: Site | None, function: t.Callable[..., t.Any], args: t.Any, 
     # thread may wait for the child natively (join, get).
     child = _Spawned(function, *args, **kwargs)
     hand_over_class(child)
-    scope = pin_current_scope(site)
-    context, ends = _handoff_context()
-    bind(child, context, scope, site, function, ends)
+    attach(child, site, function)
     _base_start(child)
     return child
 

@@ -51,7 +51,7 @@ from greenlet import getcurrent
 
 from ._steps import run_every
 
-__all__ = ["IsolatedApp", "IsolatedResponse", "RequestContext", "own_environ", "after_close", "ENVIRON_CONTEXT"]
+__all__ = ["IsolatedApp", "IsolatedResponse", "RequestContext", "own_environ", "ENVIRON_CONTEXT"]
 
 log = logging.getLogger("geventctx")
 
@@ -61,6 +61,11 @@ WSGIApp = t.Callable[[t.Dict[str, t.Any], StartResponse], t.Iterable[bytes]]
 #: ``close``, or ``None`` when the app call raised (the hook runs in the
 #: ``except``, with the exception in flight).
 EndHook = t.Callable[[t.Dict[str, t.Any], t.Callable[[], t.Any] | None], None]
+#: ``after(environ)``: the part of a request's end that may wait (capturing
+#: the body for children), run after the end hook, outside the request's
+#: Context: teardown steps that become due meanwhile must be able to enter
+#: it, so nothing may wait inside it.
+AfterHook = t.Callable[[t.Dict[str, t.Any]], None]
 
 #: Where the request's :class:`RequestContext` is kept in its WSGI environ.
 ENVIRON_CONTEXT = "geventctx.context"
@@ -69,10 +74,6 @@ ENVIRON_CONTEXT = "geventctx.context"
 #: inherits it, but is not that Context: see :meth:`RequestContext.current`).
 #: A weak reference: the Context and its RequestContext refer to each other.
 _HOME: ContextVar[weakref.ref[RequestContext] | None] = ContextVar("geventctx.request_context", default=None)
-
-#: Where the part of a request's end that waits is kept until it can run
-#: outside the request's Context (see :func:`after_close`).
-_ENVIRON_AFTER_CLOSE = "geventctx.after_close"
 
 #: The Flask test client's request to keep the contexts for the caller.
 _PRESERVE = "werkzeug.debug.preserve_context"
@@ -94,35 +95,11 @@ def _current_context() -> Context:
     return t.cast(Context, context)
 
 
-def after_close(environ: dict[str, t.Any], function: t.Callable[[], t.Any]) -> bool:
-    """Run ``function()`` right after the response's ``close()``, outside the
-    request's Context; ``False`` (and nothing scheduled) without an
-    :class:`IsolatedApp` closing this request.
-
-    For the part of a request's end that may wait (capturing the body for
-    children): teardown steps that become due meanwhile must be able to
-    enter the request's Context, so nothing may wait inside it.
-    """
-    home = environ.get(ENVIRON_CONTEXT)
-    if isinstance(home, Context):
-        home = _made_for(home)
-    if not isinstance(home, RequestContext) or not home.busy or _ENVIRON_AFTER_CLOSE in environ:
-        return False
-    environ[_ENVIRON_AFTER_CLOSE] = function
-    return True
-
-
 def _made_for(context: Context) -> RequestContext | None:
     """The RequestContext made for ``context`` (by a scope made in it), if any."""
     ref = context.get(_HOME)
     home = ref() if ref is not None else None
     return home if home is not None and home.context is context else None
-
-
-def _run_after_close(environ: dict[str, t.Any]) -> None:
-    function = environ.pop(_ENVIRON_AFTER_CLOSE, None)
-    if function is not None:
-        function()
 
 
 class RequestContext:
@@ -220,9 +197,13 @@ class IsolatedApp:
         ``close()`` until the request's children have ended, and settles the
         body), run in the request's Context when the response is closed or
         the app call raised; by default the response is closed at once.
+    :param after: the part of the adapter's end that may wait, run right
+        after ``end``, outside the request's Context (:data:`AfterHook`).
     """
 
-    def __init__(self, app: WSGIApp, end: EndHook | None = None, *, weak: bool = False) -> None:
+    def __init__(
+        self, app: WSGIApp, end: EndHook | None = None, *, after: AfterHook | None = None, weak: bool = False
+    ) -> None:
         self._weak = weak
         if self._weak:
             # The app's own bound method (app.wsgi_app), held weakly: no
@@ -231,6 +212,7 @@ class IsolatedApp:
         else:
             self._app = app
         self.end = end
+        self.after = after
 
     @property
     def app(self) -> WSGIApp:
@@ -268,15 +250,17 @@ class IsolatedApp:
                         else:
                             context.run(self.end, environ, None)
                 finally:
-                    _run_after_close(environ)
+                    if self.after is not None:
+                        self.after(environ)
                 raise
-            # IsolatedResponse(context, result, environ, self.end), with no
+            # IsolatedResponse(context, result, environ, self.end, self.after), with no
             # __init__ frame (the call budget: DESIGN, "Pay for what you use").
             response = _new_response(IsolatedResponse)
             response._context = context
             response._result = result
             response._environ = environ
             response._hook = self.end
+            response._after = self.after
             return response
         home = environ.get(ENVIRON_CONTEXT)
         if isinstance(home, Context):
@@ -292,9 +276,10 @@ class IsolatedApp:
                 if self.end is not None:
                     home.enter(self.end, environ, None)
             finally:
-                _run_after_close(environ)
+                if self.after is not None:
+                    self.after(environ)
             raise
-        return IsolatedIterable(home, result, environ, self.end)
+        return IsolatedIterable(home, result, environ, self.end, self.after)
 
 
 class IsolatedIterable:
@@ -306,11 +291,13 @@ class IsolatedIterable:
         result: t.Iterable[bytes] | None,
         environ: dict[str, t.Any],
         hook: EndHook | None = None,
+        after: AfterHook | None = None,
     ) -> None:
         self._home = home
         self._result = result
         self._environ = environ
         self._hook = hook
+        self._after = after
 
     def __iter__(self) -> t.Iterator[bytes]:
         if self._result is None:
@@ -332,7 +319,8 @@ class IsolatedIterable:
             elif close is not None:
                 self._home.enter(close)
         finally:
-            _run_after_close(self._environ)
+            if self._after is not None:
+                self._after(self._environ)
 
 
 _new_response = object.__new__
@@ -348,22 +336,28 @@ class IsolatedResponse:
     :class:`IsolatedIterable` of it.
     """
 
-    __slots__ = ("_context", "_result", "_environ", "_hook")
+    __slots__ = ("_context", "_result", "_environ", "_hook", "_after")
 
     def __init__(
-        self, context: Context, result: t.Iterable[bytes], environ: dict[str, t.Any], hook: EndHook | None
+        self,
+        context: Context,
+        result: t.Iterable[bytes],
+        environ: dict[str, t.Any],
+        hook: EndHook | None,
+        after: AfterHook | None = None,
     ) -> None:
         self._context = context
         self._result = result
         self._environ = environ
         self._hook = hook
+        self._after = after
 
     def __iter__(self) -> t.Iterator[bytes]:
         context = self._context
         ref = context.get(_HOME)
         home = ref() if ref is not None else None
         if home is not None and home.context is context:
-            return iter(IsolatedIterable(home, self._result, self._environ, self._hook))
+            return iter(IsolatedIterable(home, self._result, self._environ, self._hook, self._after))
         if self._result is None:
             return iter(())
         run = context.run
@@ -376,7 +370,7 @@ class IsolatedResponse:
         ref = context.get(_HOME)
         home = ref() if ref is not None else None
         if home is not None and home.context is context:
-            IsolatedIterable(home, self._result, environ, self._hook).close()
+            IsolatedIterable(home, self._result, environ, self._hook, self._after).close()
             return
         close = getattr(self._result, "close", None)
         try:
@@ -385,5 +379,5 @@ class IsolatedResponse:
             elif close is not None:
                 context.run(close)
         finally:
-            if _ENVIRON_AFTER_CLOSE in environ:
-                _run_after_close(environ)
+            if self._after is not None:
+                self._after(environ)

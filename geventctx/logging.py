@@ -43,8 +43,8 @@ def request_and_site() -> tuple[str, str]:
     if scope is None:
         scope = _PENDING.get()  # a request that has not handed off: its adapter's state has its label
     request = (scope.label or NONE) if scope is not None else NONE
-    entry = registry.entry_of(getcurrent())
-    site = format_site(entry[4]) if entry is not None else NONE
+    record = registry.record_of(getcurrent())
+    site = format_site(record.site) if record is not None else NONE
     return request, site
 
 

@@ -20,6 +20,8 @@ import weakref
 from ._site import Site, format_site
 
 if t.TYPE_CHECKING:
+    from contextvars import Context
+
     import greenlet
 
     from .scope import Scope
@@ -30,22 +32,19 @@ _monotonic = time.monotonic
 
 _ref = weakref.ref
 
-#: (weakref to child, weakref to parent, scope, function, site, start time),
-#: and for a ThreadPool task a seventh item: the task's Context (its error
-#: is logged in it, see errorlog.report_task).
-Entry = t.Tuple[t.Any, ...]
+# The rule for records: a hand-off's record is a :class:`HandOff`, with
+# named fields. A geventctx greenlet keeps the same fields in its own slots
+# (see handoff.Greenlet: no allocation on the spawn path) and gets its
+# HandOff when one is asked for (:func:`record_of`); it is indexed by its
+# scope's ``children`` (``id`` -> child) or, outside a request, by
+# :data:`_unscoped`. Anything else (a ThreadPool task's AsyncResult, a
+# plain gevent greenlet handed off) has its HandOff in :data:`_live`, and
+# its scope indexes the object itself. Either is removed by the child's own
+# end, before the child can be freed, so an id is never reused while it is
+# indexed.
 
-# The rule for records: a geventctx greenlet keeps its own record in its
-# slots (see handoff.Greenlet: no allocation on the spawn path), and is
-# indexed by its scope's ``children`` (``id`` -> child) or, outside a
-# request, by :data:`_unscoped`; anything else (a ThreadPool task's
-# AsyncResult, a plain gevent greenlet handed off) has an :data:`Entry`
-# in :data:`_live`, and its scope indexes the object itself. Either is
-# removed by the child's own end link, before the child can be freed, so
-# an id is never reused while it is indexed.
-
-#: id(child) -> entry, for running hand-offs that are not geventctx greenlets.
-_live: dict[int, Entry] = {}
+#: id(child) -> record, for running hand-offs that are not geventctx greenlets.
+_live: dict[int, HandOff] = {}
 
 #: id(child) -> weakref to child, for running geventctx greenlets outside
 #: any request (weakly: nothing of a process-wide index keeps a child alive;
@@ -61,11 +60,11 @@ def _no_parent() -> None:
 LAZY_SITE: t.Any = ("<lazy>", 0)
 
 
-def entry_of(child: t.Any) -> Entry | None:
-    """The record of ``child`` as an :data:`Entry` if it is a running hand-off."""
+def record_of(child: t.Any) -> HandOff | None:
+    """The record of ``child`` if it is a running hand-off."""
     started = getattr(child, "_geventctx_started", None)
     if started is not None:
-        return (
+        return HandOff(
             _ref(child),
             getattr(child, "spawning_greenlet", None) or _no_parent,
             child._geventctx_scope,
@@ -74,7 +73,7 @@ def entry_of(child: t.Any) -> Entry | None:
             started,
         )
     found = _live.get(id(child))
-    if found is not None and found[0]() is child:
+    if found is not None and found._greenlet() is child:
         return found
     return None
 
@@ -90,13 +89,13 @@ def site_of_child(child: t.Any) -> Site | None:
         site = site_of(getattr(child, "spawning_stack", None))
         if site is None:
             parent = getattr(child, "spawning_greenlet", None)
-            helper = entry_of(parent()) if parent is not None else None
-            site = helper[4] if helper is not None else None
+            helper = record_of(parent()) if parent is not None else None
+            site = helper.site if helper is not None else None
         child._geventctx_site = site
     return t.cast("Site | None", site)
 
 
-def _entries() -> list[Entry]:
+def _records() -> list[HandOff]:
     from .scope import _every_scope
 
     children: dict[int, t.Any] = {}
@@ -106,23 +105,40 @@ def _entries() -> list[Entry]:
         child = ref()
         if child is not None:
             children[key] = child
-    found = [entry for entry in map(entry_of, list(children.values())) if entry is not None]
-    seen = {id(entry[0]()) for entry in found}
-    found += [entry for key, entry in list(_live.items()) if key not in seen and entry[0]() is not None]
+    found = [record for record in map(record_of, list(children.values())) if record is not None]
+    seen = {id(record.greenlet) for record in found}
+    found += [record for key, record in list(_live.items()) if key not in seen and record.greenlet is not None]
     return found
 
 
 class HandOff:
-    """What is known about one running hand-off (a read-only view)."""
+    """The record of one running hand-off: what it runs, for which request,
+    from which line, since when (read-only for users).
 
-    __slots__ = ("_greenlet", "_parent", "scope", "function", "site", "started_at")
+    ``context`` is the Context a ThreadPool task runs in (its error is
+    logged there, see :func:`geventctx.errorlog.report_task`); ``None`` for
+    a greenlet, whose Context is its own.
+    """
 
-    scope: Scope | None
-    site: Site | None
-    started_at: float
+    __slots__ = ("_greenlet", "_parent", "scope", "function", "site", "started_at", "context")
 
-    def __init__(self, entry: Entry) -> None:
-        self._greenlet, self._parent, self.scope, self.function, self.site, self.started_at = entry[:6]
+    def __init__(
+        self,
+        greenlet: t.Callable[[], t.Any],
+        parent: t.Callable[[], t.Any],
+        scope: Scope | None,
+        function: t.Any,
+        site: Site | None,
+        started_at: float,
+        context: Context | None = None,
+    ) -> None:
+        self._greenlet = greenlet
+        self._parent = parent
+        self.scope = scope
+        self.function = function
+        self.site = site
+        self.started_at = started_at
+        self.context = context
 
     @property
     def greenlet(self) -> t.Any:
@@ -155,36 +171,33 @@ class HandOff:
         return f"<HandOff {name} from {self.spawn_site} age={self.age:.3f}s scope={self.scope!r}>"
 
 
-def entry(
-    child: greenlet.greenlet,
+def record(
+    child: t.Any,
     parent: greenlet.greenlet,
     scope: Scope | None,
     function: t.Any,
     site: Site | None,
-) -> Entry:
-    """The raw registry entry of a hand-off (a tuple: cheap on the spawn path)."""
-    return (_ref(child), _ref(parent), scope, function, site, _monotonic())
+    context: Context | None = None,
+) -> HandOff:
+    """The record of a hand-off starting now (``child`` ``None``: set its
+    ``_greenlet`` reference once the child exists)."""
+    own = _ref(child) if child is not None else _no_parent
+    return HandOff(own, _ref(parent), scope, function, site, _monotonic(), context)
 
 
 def live() -> list[HandOff]:
     """A snapshot of the records of all running hand-offs, oldest first."""
-    return sorted(map(HandOff, _entries()), key=lambda r: r.started_at)
+    return sorted(_records(), key=lambda r: r.started_at)
 
 
-def record_of(child: greenlet.greenlet) -> HandOff | None:
-    """The record of ``child`` if it is a running hand-off."""
-    found = entry_of(child)
-    return HandOff(found) if found is not None else None
-
-
-def scope_entries(scope: Scope) -> list[Entry]:
-    """The entries of the running hand-offs that hold ``scope`` (its own index)."""
-    return [entry for entry in map(entry_of, list(scope.children.values())) if entry is not None]
+def scope_records(scope: Scope) -> list[HandOff]:
+    """The records of the running hand-offs that hold ``scope`` (its own index)."""
+    return [record for record in map(record_of, list(scope.children.values())) if record is not None]
 
 
 def for_scope(scope: Scope) -> list[HandOff]:
     """The running hand-offs that hold ``scope`` (its own index: O(its children))."""
-    return sorted(map(HandOff, scope_entries(scope)), key=lambda r: r.started_at)
+    return sorted(scope_records(scope), key=lambda r: r.started_at)
 
 
 def dump() -> str:

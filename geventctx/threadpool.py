@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import typing as t
 import weakref
 
@@ -39,8 +38,7 @@ from gevent.event import AsyncResult
 from greenlet import getcurrent, greenlet
 
 from . import registry
-from .forks import handoff_context
-from .handoff import Ending, _finished, caller_site, end_now_if_never_ran, pin_current_scope
+from .handoff import Ending, _finished, caller_site, end_now_if_never_ran, take
 from .pool import _ContextMappingMixin
 from .registry import _live
 
@@ -50,7 +48,6 @@ log = logging.getLogger("geventctx")
 
 _getframe = sys._getframe
 _ref = weakref.ref
-_monotonic = time.monotonic
 #: gevent's classes, kept: a test harness may replace the module's attribute
 #: with this subclass.
 _GeventThreadPool = gevent.threadpool.ThreadPool
@@ -149,8 +146,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # f_back, not _getframe(1): imap's helper (compiled) calls spawn with
         # no Python frame above it; the helper's own site is used then.
         site = caller_site(_getframe(0).f_back)
-        scope = pin_current_scope(site)  # first: the request's first hand-off makes its scope
-        context, ends = handoff_context()
+        scope, context, ends = take(site)
         function = func
         if ends is not None:
             # Its own app context (geventctx.forks), torn down in the worker
@@ -162,7 +158,7 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
         # queueing and waiting makes the worker wait for the GIL (a handoff
         # of ~10 µs per task on a 2-core VM); after, only the two inserts
         # and the link remain.
-        parent, started = _ref(getcurrent()), _monotonic()
+        record = registry.record(None, getcurrent(), scope, function, site, context)
         try:
             result = _GeventThreadPool.spawn(self, func, *args, **task_kwargs)
         except BaseException:
@@ -170,10 +166,10 @@ class ThreadPool(_ContextMappingMixin, _GeventThreadPool):  # type: ignore[misc,
                 scope.release()
             raise
         key = id(result)
-        # The task's context rides in the entry (after the common six): its
-        # error is logged in it (errorlog.report_task), where the request's
-        # logging and Sentry state live.
-        _live[key] = (_ref(result), parent, scope, function, site, started, context)
+        # The task's context rides in its record: its error is logged in it
+        # (errorlog.report_task), where the request's logging and Sentry state live.
+        record._greenlet = _ref(result)
+        _live[key] = record
         if scope is not None:
             scope.children[key] = result
         result.rawlink(_finished)

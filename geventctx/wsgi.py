@@ -42,7 +42,7 @@ from contextvars import Token
 from . import errorlog, stragglers
 from .body import BODY_MODES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, has_body, share_wsgi_input
 from .isolation import IsolatedApp
-from .request_end import owner_ended, response_closed
+from .request_end import after_response, owner_ended, response_closed
 from .scope import ENVIRON_SCOPE, Scope
 
 __all__ = ["ContextMiddleware"]
@@ -106,7 +106,7 @@ class ContextMiddleware:
             return self.app(environ, start_response)
         # The whole request (call, iteration, close) runs in a context of its
         # own: nothing it sets bleeds into the next request on the connection.
-        return IsolatedApp(self._manage)(environ, start_response)
+        return IsolatedApp(self._manage, after=after_response)(environ, start_response)
 
     def _manage(self, environ: dict[str, t.Any], start_response: StartResponse) -> t.Iterable[bytes]:
         scope = Scope(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")

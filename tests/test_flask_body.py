@@ -614,3 +614,28 @@ def test_child_reads_the_whole_body_when_the_view_only_looked_at_the_stream(serv
 
     assert response.status == 200
     assert seen["child"] == data and seen["view"] == data
+
+
+def test_a_body_the_view_read_whole_before_the_handoff_is_shared_as_it_is(serve):
+    # get_data() before the first hand-off: the shared body keeps Werkzeug's
+    # bytes object itself (no copy, nothing read again, no pump), and a
+    # child's raw read still gets the whole body.
+    app = make_app()
+    seen: dict[str, t.Any] = {}
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        data = request.get_data()
+        child = geventctx.spawn(lambda: (request.stream.read(), request.shared_body().read_whole()))
+        seen["loaded"] = request.shared_body().loaded  # before anyone read it again
+        seen["stream"], seen["whole"] = child.get(timeout=JOIN_TIMEOUT)
+        seen["same"] = seen["whole"] is data
+        return "read"
+
+    data = os.urandom(5000)
+    response = serve(app).request(
+        "POST", "/read", headers={"Content-Type": "application/octet-stream"}, body=data, timeout=CLIENT_TIMEOUT
+    )
+
+    assert response.status == 200
+    assert seen["loaded"] and seen["stream"] == data and seen["same"]

@@ -413,3 +413,46 @@ def test_a_request_whose_body_was_read_is_freed_without_the_garbage_collector(se
         assert bodies and bodies[0]() is None
     finally:
         gc.enable()
+
+
+def test_the_last_child_runs_the_requests_end_in_its_own_greenlet_and_a_kill_does_not_cut_it(serve: t.Any) -> None:
+    # The request ended before its only child: the child, as the last holder,
+    # runs the deferred teardown at its own end, in its own greenlet (no
+    # greenlet more per request), after its result was recorded. A kill aimed
+    # at the child meanwhile neither cuts the teardown short nor changes the
+    # child's result.
+    life = App()
+    in_teardown, finish_teardown = Event(), Event()
+    where: dict[str, t.Any] = {}
+
+    @life.app.teardown_request
+    def slow_teardown(exc: BaseException | None) -> None:
+        where["greenlet"] = gevent.getcurrent()
+        in_teardown.set()
+        finish_teardown.wait(5)
+        where["finished"] = True
+
+    def work() -> str:
+        life.gate.wait(5)
+        return "the child's result"
+
+    @life.app.get("/fire")
+    def fire() -> str:
+        life.seen["child"] = geventctx.spawn(work)
+        return "sent"
+
+    response = http_request(serve(life.app).port, "GET", "/fire")
+    assert response is not None and response.body == b"sent"
+    assert life.teardowns() == 0  # the child still runs: teardown waits
+    life.gate.set()
+    assert in_teardown.wait(5)
+    child = life.seen["child"]
+    assert where["greenlet"] is child
+    # Its result was recorded before the request's end began: joiners do not wait for it.
+    assert child.ready() and child.value == "the child's result"
+    child.kill(block=True, timeout=0.2)  # the kill reached it; the teardown goes on
+    assert not child.dead and "finished" not in where
+    finish_teardown.set()
+    wait_for(lambda: child.dead, 5, "the child's end")
+    assert where["finished"] and life.teardowns() == 1
+    assert child.successful() and child.value == "the child's result"
