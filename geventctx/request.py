@@ -6,12 +6,19 @@ The rule: every way a Werkzeug request reads its body — ``get_data``,
 :class:`~geventctx.body.SharedBody` when there is one, each consumer through
 its own cursor; without one, the request is plain Werkzeug.
 
-What follows: ``get_data()`` is the complete raw body for every greenlet
-(also for form posts, whoever parsed first), and ``data`` is empty for form
-data, as Werkzeug documents; the form is parsed once, by
-the first greenlet or thread that asks, while the others wait for its
-result (or its error); each greenlet reads ``stream`` and each uploaded file
-from its own position. Werkzeug's form parser reads the body in pieces as
+What follows: each consumer gets what Werkzeug alone gives it (G5). What
+Werkzeug caches (``get_data()``, ``data``, ``json``, the parsed ``form`` and
+``files``) is the request's, the same for every greenlet: the form is parsed
+once, by the first greenlet or thread that asks, while the others wait for
+its result (or its error). Raw readers (``stream``, ``input_stream``, a
+:class:`RequestStream`) that run at the same time each read the whole body
+from a position of their own, and so does each greenlet an uploaded file.
+After a consumer Werkzeug does not cache (a form parse, a stream read to its
+end, ``get_data(cache=False)``) a raw read returns what Werkzeug returns
+then: ``b""`` (``get_data()`` after a form parse included), and a raw read
+that starts while a form parse runs waits for it. ``stream`` can be
+assigned, as Werkzeug's: the assigned object is the request's stream from
+then on. Werkzeug's form parser reads the body in pieces as
 it arrives and spools large file parts to disk, exactly as it does alone.
 
 The shared body is made by an adapter (the WSGI middleware for every
@@ -52,14 +59,16 @@ class RequestStream(LimitedStream):
     form parse, a stream read to its end, ``get_data(cache=False)``): then
     it starts where that consumer stopped (the end: ``b""``), as Werkzeug's
     one stream would; and a first raw read that starts while a form parse
-    runs waits for the parse.
+    runs waits for the parse. (A form parse itself starts where its own
+    greenlet read the stream to, else at the first byte: the parsed form
+    is cached, the same for everyone.)
 
     A :class:`werkzeug.wsgi.LimitedStream`, as Werkzeug's ``stream``, with
     every read and position its own: its :attr:`limit` is the body's
     length (``sys.maxsize`` while unknown), and the shared body raises its
     own errors (``on_exhausted`` and ``on_disconnect`` are not called).
 
-    .. versionadded:: 0.3
+    .. versionadded:: 0.2
     """
 
     def __init__(self, body: SharedBody) -> None:
@@ -130,11 +139,6 @@ class RequestStream(LimitedStream):
 
     def readall(self) -> bytes:
         return self.read(-1)
-
-    def rest(self) -> bytes:
-        """What the calling greenlet would read to the end, without reading it
-        (the bytes ``get_data()`` caches for every consumer)."""
-        return self.body._read_at(self.position(), -1)
 
     def tell(self) -> int:
         return self.position()
@@ -222,8 +226,12 @@ class SharedBodyRequest:
             view = self._body_stream(body)
             if cache:
                 # Cached, so shared: it consumes nothing of anyone's stream.
-                data = view.rest()
-                self._cached_data = data
+                # Only the whole body is cached (what a form parse then
+                # reads): what is left after a consumer is not the body.
+                start = view.position()
+                data = body._read_at(start, -1)
+                if start == 0:
+                    self._cached_data = data
             else:
                 data = view.read()  # not cached: the stream is read to its end, as Werkzeug's
         return data.decode(errors="replace") if as_text else data
@@ -235,10 +243,11 @@ class SharedBodyRequest:
         data = getattr(self, "_cached_data", None)
         if data is not None:
             return io.BytesIO(data)
-        # The parser's own reader, from where a raw read of this greenlet
-        # would start (the first byte, unless the body was consumed).
+        # The parser's own reader, from where this greenlet read the stream
+        # to (as Werkzeug's parser reads its one stream), else from the first
+        # byte: a form is cached, so it is what one consumer alone would get.
         cursor = body.cursor()
-        cursor._position = start = self._body_stream(body).position()
+        cursor._position = start = body._cursors.get(reader_key(), 0)
         self.__dict__["_geventctx_parser"] = (cursor, start)
         return t.cast(t.IO[bytes], cursor)
 
