@@ -13,7 +13,7 @@ PIP_INSTALL = -m pip install --quiet --prefer-binary
 # (no pip) is removed and made again, never reused.
 venv_for = $(1)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
 
-.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-django-suite test-flask-matrix test-flask-oldest test-flask-main clean
+.PHONY: demo test docs bench soak lint test-gevent-suite test-flask-suite test-werkzeug-suite test-django-suite test-flask-matrix test-flask-oldest test-flask-main clean
 
 # A stamp is written only after its install succeeded: a failed run is
 # retried in full next time.
@@ -37,6 +37,13 @@ test: $(STAMP)
 # test that passes plain and fails with the extension fails this target.
 test-flask-suite: $(STAMP)
 	$(PY) peers/flask_suite.py --python $(PY)
+
+# Werkzeug's own form-parser and request-body tests (from the sdist of the
+# installed Werkzeug), plain and with every body read through geventctx's
+# shared body: any test that passes plain and fails with it, or a run in
+# which no read went through it, fails this target. A few seconds.
+test-werkzeug-suite: $(STAMP)
+	$(PY) peers/werkzeug_suite.py --python $(PY)
 
 # Django's own test suite (from the sdist of the installed Django; the labels
 # that touch requests, handlers, signals, transactions, uploads, i18n, cache,

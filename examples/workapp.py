@@ -8,8 +8,10 @@ geventctx guarantees (``tests/test_deploy.py`` does):
     Answers at once, without reading the body, after handing the request to
     three children with ``geventctx.spawn``. The children wait until the
     client says go, so they run *after the response was sent*; then each
-    reads the body (three different ways), ``g.user``, a header and a
-    contextvar, and records what it saw.
+    reads the body (``get_data()`` twice, then ``request.stream``: G5 gives a
+    raw read that starts after another greenlet read the stream to its end
+    ``b""``, as Werkzeug's stream), ``g.user``, a header and a contextvar,
+    and records what it saw.
 ``POST /release/<id>``
     Go: lets the children of request ``<id>`` run.
 ``GET /report/<id>``
@@ -81,7 +83,7 @@ def create_app() -> Flask:
         rid = request_id.get()
         g.record = REPORTS[rid] = {"children": [], "teardown_request": [], "teardown_appcontext": []}
         GO[rid] = Event()
-        for how in ("get_data", "stream", "input_stream"):
+        for how in ("get_data", "get_data", "stream"):  # they run in this order
             geventctx.spawn(child, g.record, GO[rid], how)
         return jsonify(request_id=rid, children=CHILDREN)
 

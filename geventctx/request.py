@@ -6,12 +6,19 @@ The rule: every way a Werkzeug request reads its body — ``get_data``,
 :class:`~geventctx.body.SharedBody` when there is one, each consumer through
 its own cursor; without one, the request is plain Werkzeug.
 
-What follows: ``get_data()`` is the complete raw body for every greenlet
-(also for form posts, whoever parsed first), and ``data`` is empty for form
-data, as Werkzeug documents; the form is parsed once, by
-the first greenlet or thread that asks, while the others wait for its
-result (or its error); each greenlet reads ``stream`` and each uploaded file
-from its own position. Werkzeug's form parser reads the body in pieces as
+What follows: each consumer gets what Werkzeug alone gives it (G5). What
+Werkzeug caches (``get_data()``, ``data``, ``json``, the parsed ``form`` and
+``files``) is the request's, the same for every greenlet: the form is parsed
+once, by the first greenlet or thread that asks, while the others wait for
+its result (or its error). Raw readers (``stream``, ``input_stream``, a
+:class:`RequestStream`) that run at the same time each read the whole body
+from a position of their own, and so does each greenlet an uploaded file.
+After a consumer Werkzeug does not cache (a form parse, a stream read to its
+end, ``get_data(cache=False)``) a raw read returns what Werkzeug returns
+then: ``b""`` (``get_data()`` after a form parse included), and a raw read
+that starts while a form parse runs waits for it. ``stream`` can be
+assigned, as Werkzeug's: the assigned object is the request's stream from
+then on. Werkzeug's form parser reads the body in pieces as
 it arrives and spools large file parts to disk, exactly as it does alone.
 
 The shared body is made by an adapter (the WSGI middleware for every
@@ -25,21 +32,123 @@ Flask request is plain Werkzeug, and pays nothing here.
 from __future__ import annotations
 
 import io
+import sys
 import typing as t
 
 from gevent.monkey import get_original
+from werkzeug.wsgi import LimitedStream
 
-from .body import BODY_GONE, ENVIRON_BODY, SharedBody, SharedFile
+from .body import BODY_GONE, ENVIRON_BODY, BodyCursor, SharedBody, SharedFile, reader_key
 from .errors import BodyReadError
 
-__all__ = ["SharedBodyRequest", "shared_body_request_class"]
-
-#: What Werkzeug's form parser reads the body for.
-_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+__all__ = ["SharedBodyRequest", "RequestStream", "shared_body_request_class"]
 
 # The form's "being parsed" mark is taken under a native lock: a ThreadPool
 # task and a greenlet may ask at the same moment.
 _mark_lock = get_original("_thread", "allocate_lock")()
+
+
+class RequestStream(LimitedStream):
+    """A request's ``stream`` and ``input_stream`` over its shared body.
+
+    Each greenlet (or thread task) reads from a position of its own — the
+    one it has in the :class:`~geventctx.body.SharedBody`, shared with
+    ``wsgi.input`` — so raw readers that run at the same time each get the
+    complete body. A greenlet's first raw read starts at the first byte,
+    unless a consumer Werkzeug does not cache consumed the body before (a
+    form parse, a stream read to its end, ``get_data(cache=False)``): then
+    it starts where that consumer stopped (the end: ``b""``), as Werkzeug's
+    one stream would; and a first raw read that starts while a form parse
+    runs waits for the parse. (A form parse itself starts where its own
+    greenlet read the stream to, else at the first byte: the parsed form
+    is cached, the same for everyone.)
+
+    A :class:`werkzeug.wsgi.LimitedStream`, as Werkzeug's ``stream``, with
+    every read and position its own: its :attr:`limit` is the body's
+    length (``sys.maxsize`` while unknown), and the shared body raises its
+    own errors (``on_exhausted`` and ``on_disconnect`` are not called).
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, body: SharedBody) -> None:
+        io.RawIOBase.__init__(self)  # not LimitedStream's: limit and position are the body's
+        self.body = body
+        self._stream = t.cast(t.IO[bytes], body)
+        self._limit_is_max = False
+        #: Where a first raw read starts once the body was consumed, or ``None``.
+        self.consumed_at: int | None = None
+        #: The readers (:func:`~geventctx.body.reader_key`) parsing the form now.
+        self.consumers: list[t.Any] = []
+
+    @property
+    def limit(self) -> int:  # type: ignore[override]
+        length = self.body.length
+        if length is None and self.body.loaded:
+            length = self.body.received
+        return sys.maxsize if length is None else length
+
+    @property
+    def _pos(self) -> int:  # type: ignore[override]
+        return self.position()
+
+    def position(self) -> int:
+        """Where the calling greenlet reads next (for a first read: see the class)."""
+        body = self.body
+        if body.partial_reader is not None:
+            body._check_whole()
+        key = reader_key()
+        at: int | None = body._cursors.get(key)
+        if at is not None:
+            return at
+        if self.consumers and key not in self.consumers:
+            body._changes.wait(lambda: not self.consumers)  # a parse runs: what it leaves
+        return self.consumed_at or 0
+
+    def consumed(self, key: t.Any, position: int) -> None:
+        """A consumer Werkzeug does not cache read the body up to ``position``."""
+        if self.consumed_at is None or position > self.consumed_at:
+            self.consumed_at = position
+        cursors = self.body._cursors
+        if key in cursors and cursors[key] < position:
+            cursors[key] = position
+
+    def _moved(self, position: int) -> None:
+        body = self.body
+        key = reader_key()
+        body._cursors[key] = position
+        if body.loaded and position >= body.received:
+            self.consumed(key, position)  # read to its end: consumed, as Werkzeug's stream
+
+    def read(self, size: int | None = -1) -> bytes:
+        position = self.position()
+        data = self.body._read_at(position, size)
+        self._moved(position + len(data))
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        position = self.position()
+        data = self.body._readline_at(position, size)
+        self._moved(position + len(data))
+        return data
+
+    def readinto(self, buffer: t.Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def tell(self) -> int:
+        return self.position()
+
+    def close(self) -> None:
+        """Does nothing: the body belongs to the request."""
+
+    @property
+    def closed(self) -> bool:
+        return False
 
 
 class _Parsing:
@@ -67,48 +176,80 @@ class SharedBodyRequest:
             )
         return body if isinstance(body, SharedBody) else None
 
+    def _body_stream(self, body: SharedBody) -> RequestStream:
+        # The request's one view of its shared body (made at the first raw read).
+        state = self.__dict__
+        view: RequestStream | None = state.get("_geventctx_view")
+        if view is None or view.body is not body:
+            view = state["_geventctx_view"] = RequestStream(body)
+        return view
+
     @property
     def stream(self) -> t.IO[bytes]:
+        assigned = self.__dict__.get("_geventctx_stream")
+        if assigned is not None:
+            return assigned  # type: ignore[no-any-return]
         body = self.shared_body()
         if body is None:
             return super().stream  # type: ignore[misc,no-any-return]
-        return t.cast(t.IO[bytes], body)
+        return t.cast(t.IO[bytes], self._body_stream(body))
+
+    @stream.setter
+    def stream(self, value: t.IO[bytes]) -> None:
+        # As Werkzeug's cached_property: what is assigned is the stream from
+        # now on (a wrapper of the request's stream, say), for every consumer.
+        self.__dict__["_geventctx_stream"] = value
+
+    @stream.deleter
+    def stream(self) -> None:
+        self.__dict__.pop("_geventctx_stream", None)
+        self.__dict__.pop("stream", None)
 
     @property
     def input_stream(self) -> t.IO[bytes]:
         body = self.shared_body()
         if body is None:
             return self.environ["wsgi.input"]  # type: ignore[no-any-return]
-        return t.cast(t.IO[bytes], body)
+        return t.cast(t.IO[bytes], self._body_stream(body))
 
     def get_data(
         self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
     ) -> bytes | str:
         body = self.shared_body()
-        if body is None:
+        if body is None or "_geventctx_stream" in self.__dict__:
+            # Plain Werkzeug (it reads the assigned stream, if any).
             return super().get_data(cache, as_text, parse_form_data)  # type: ignore[misc,no-any-return]
-        if parse_form_data and self.mimetype in _FORM_TYPES:  # type: ignore[attr-defined]
-            # As Werkzeug documents for ``data``: empty for form data, the
-            # form parsed instead (and not cached as the raw body, so that
-            # get_data() stays the same for every consumer).
-            self._load_form_data()
-            return "" if as_text else b""
-        # The raw body for every consumer, whoever read or parsed first.
         data: bytes | None = getattr(self, "_cached_data", None)
         if data is None:
-            data = body.read_whole()
+            if parse_form_data:
+                self._load_form_data()  # as Werkzeug: a form parse leaves b"" to read
+            view = self._body_stream(body)
             if cache:
-                self._cached_data = data
+                # Cached, so shared: it consumes nothing of anyone's stream.
+                # Only the whole body is cached (what a form parse then
+                # reads): what is left after a consumer is not the body.
+                start = view.position()
+                data = body._read_at(start, -1)
+                if start == 0:
+                    self._cached_data = data
+            else:
+                data = view.read()  # not cached: the stream is read to its end, as Werkzeug's
         return data.decode(errors="replace") if as_text else data
 
     def _get_stream_for_parsing(self) -> t.IO[bytes]:
         body = self.shared_body()
-        if body is None:
+        if body is None or "_geventctx_stream" in self.__dict__:
             return super()._get_stream_for_parsing()  # type: ignore[misc,no-any-return]
         data = getattr(self, "_cached_data", None)
         if data is not None:
             return io.BytesIO(data)
-        return t.cast(t.IO[bytes], body.cursor())  # the parser's own reader, from the first byte
+        # The parser's own reader, from where this greenlet read the stream
+        # to (as Werkzeug's parser reads its one stream), else from the first
+        # byte: a form is cached, so it is what one consumer alone would get.
+        cursor = body.cursor()
+        cursor._position = start = body._cursors.get(reader_key(), 0)
+        self.__dict__["_geventctx_parser"] = (cursor, start)
+        return t.cast(t.IO[bytes], cursor)
 
     def close(self) -> None:
         """Close the uploaded files (an adapter's subclass may wait for the
@@ -144,6 +285,8 @@ class SharedBodyRequest:
                 raise other  # the first parse's error, for everyone
             # Another greenlet or thread parses: wait for its result.
             body._changes.wait(_form_settled(state, other))
+        view = self._body_stream(body)
+        view.consumers.append(key := reader_key())
         try:
             super()._load_form_data()  # type: ignore[misc]
         except Exception as exc:
@@ -156,8 +299,15 @@ class SharedBodyRequest:
         else:
             for _name, upload in state["files"].items(multi=True):
                 upload.stream = SharedFile(upload.stream)
+            parser: tuple[BodyCursor, int] | None = state.get("_geventctx_parser")
+            if parser is not None and state.get("stream") is parser[0] and parser[0].tell() > parser[1]:
+                # The parser read the body: consumed, as Werkzeug's stream
+                # after a form parse (it does not cache the raw body).
+                view.consumed(key, parser[0].tell())
             state.pop("_geventctx_form", None)
         finally:
+            state.pop("_geventctx_parser", None)
+            view.consumers.remove(key)
             body._changes.notify()
 
 

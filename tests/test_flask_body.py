@@ -60,10 +60,20 @@ CONSUMERS: dict[str, t.Callable[[], t.Any]] = {
 }
 
 
-def expected(name: str, body: bytes) -> t.Any:
-    """What consumer ``name`` must return for ``body`` (JSON_BODY or FORM_BODY)."""
+#: The consumers that parse a form body (Werkzeug does not cache it as raw data).
+PARSERS = ("form", "files", "values", "data")
+#: The consumers that read the raw body.
+RAW = ("get_data", "stream", "input_stream")
+
+
+def expected(name: str, body: bytes, after_parse: bool = False) -> t.Any:
+    """What consumer ``name`` must return for ``body`` (JSON_BODY or FORM_BODY),
+    ``after_parse``: when a form parse started before it (G5: a raw read then
+    returns what Werkzeug returns after a form parse, ``b""``)."""
     if name == "data" and body is FORM_BODY:
         return sha(b"")  # as Werkzeug documents: empty for form data
+    if name in RAW and body is FORM_BODY and after_parse:
+        return sha(b"")  # the form parse consumed the body, as Werkzeug's stream
     if name in ("get_data", "data", "stream", "input_stream"):
         return sha(body)
     if name in ("json", "get_json"):
@@ -212,9 +222,17 @@ def test_every_consumer_gets_the_whole_body_read_once(serve, transfer, body, con
     assert response.status == 200, response.body
     outcomes = probe.outcomes
     assert len(outcomes) == 1 + len(children)
+    # The readers start in this order (the parent first, then each child up
+    # to its first wait): a raw read that starts after a form parse began
+    # gets what Werkzeug gives after one, b"".
+    order = [parent, *children]
     for outcome in outcomes:
         assert outcome.error is None, f"{outcome.who} {outcome.consumer}: {outcome.error!r}"
-        assert outcome.value == expected(outcome.consumer, body), f"{outcome.who} {outcome.consumer} got other data"
+        index = 0 if outcome.who == "parent" else 1 + int(outcome.who.removeprefix("child"))
+        after_parse = any(name in PARSERS for name in order[:index])
+        assert outcome.value == expected(outcome.consumer, body, after_parse), (
+            f"{outcome.who} {outcome.consumer} got other data"
+        )
     # The readers really contended: the children asked while the body was arriving.
     assert [o.body_was_in for o in outcomes if o.who != "parent"] == [False] * len(children)
     # The socket was read once: exactly the body, not once per consumer, not less.
@@ -636,3 +654,92 @@ def test_a_body_the_view_read_whole_before_the_handoff_is_shared_as_it_is(serve)
 
     assert response.status == 200
     assert seen["loaded"] and seen["stream"] == data and seen["same"]
+
+
+# -- 7. after a consumer Werkzeug does not cache (revised G5) ----------------------
+
+
+def test_a_raw_read_after_a_form_parse_is_empty_in_the_child_too(serve):
+    # G5 (revised 2026-12-05): the view parses the form after its first
+    # hand-off; a child's raw reads then return what Werkzeug returns after a
+    # form parse (b""), and the form the view parsed is the very object the
+    # child sees (the request is shared, the body parsed once).
+    app = make_app()
+    seen: dict[str, t.Any] = {}
+    go = Event()
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        def child() -> None:
+            go.wait(JOIN_TIMEOUT)
+            seen["child_form"] = request.form
+            seen["child_get_data"] = request.get_data()
+            seen["child_stream"] = request.stream.read()
+
+        kid = geventctx.spawn(child)
+        seen["view_form"] = request.form
+        seen["view_get_data"] = request.get_data()
+        go.set()
+        kid.join(JOIN_TIMEOUT)
+        return "read"
+
+    response = send(serve(app), FORM_BODY, FORM_TYPE, "trickled")
+
+    assert response.status == 200
+    assert seen["child_form"] is seen["view_form"]
+    assert seen["view_form"].to_dict(flat=False) == expected("form", FORM_BODY)
+    assert seen["view_get_data"] == b"" and seen["child_get_data"] == b""
+    assert seen["child_stream"] == b""
+
+
+def test_get_data_after_get_json_without_cache_is_empty_in_the_child(serve):
+    # get_json(cache=False) reads the stream to its end and caches nothing:
+    # a later get_data() anywhere gets b"", as with Werkzeug alone.
+    app = make_app()
+    seen: dict[str, t.Any] = {}
+    go = Event()
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        kid = geventctx.spawn(lambda: (go.wait(JOIN_TIMEOUT), request.get_data())[1])
+        seen["json"] = request.get_json(cache=False)
+        go.set()
+        seen["child"] = kid.get(timeout=JOIN_TIMEOUT)
+        seen["view"] = request.get_data()
+        return "read"
+
+    response = send(serve(app), JSON_BODY, "application/json", "trickled")
+
+    assert response.status == 200
+    assert seen["json"] == JSON_DOC
+    assert seen["child"] == b"" and seen["view"] == b""
+
+
+def test_an_assigned_stream_is_what_every_consumer_reads(serve):
+    # As Werkzeug's cached_property: request.stream can be assigned (a
+    # wrapper of the request's stream), and the form is parsed through it.
+    app = make_app()
+    seen: dict[str, t.Any] = {}
+
+    class Upper:
+        def __init__(self, stream: t.Any) -> None:
+            self._stream = stream
+
+        def read(self, size: int = -1) -> bytes:
+            return bytes(self._stream.read(size)).upper()
+
+        def readline(self, size: int = -1) -> bytes:
+            return bytes(self._stream.readline(size)).upper()
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        geventctx.spawn(lambda: None).join(JOIN_TIMEOUT)  # a hand-off first: the shared body
+        request.stream = Upper(request.stream)
+        seen["assigned"] = isinstance(request.stream, Upper)
+        seen["form"] = geventctx.spawn(lambda: request.form.to_dict()).get(timeout=JOIN_TIMEOUT)
+        return "read"
+
+    response = send(serve(app), b"name=ada", "application/x-www-form-urlencoded", "trickled")
+
+    assert response.status == 200
+    assert seen["assigned"] and seen["form"] == {"NAME": "ADA"}

@@ -331,7 +331,12 @@ def test_thread_and_parent_read_the_body_concurrently_once(serve, pools, first, 
         piece=-(-len(body) // 8), delay=0.01, timeout=WAIT,
     )
     assert response.status == 200, response.body
-    assert outcome["parent"] == expected(parent, body)
+    if first == "thread-first" and thread in ("form", "files") and parent in ("get_data", "stream"):
+        # G5 (revised 2026-12-05): a raw read that starts while a form parse
+        # runs waits for it and gets what Werkzeug gives after one: b"".
+        assert outcome["parent"] == sha(b"")
+    else:
+        assert outcome["parent"] == expected(parent, body)
     assert outcome["thread"] == expected(thread, body)
     # Both really contended: each asked while the body was still arriving.
     assert outcome["parent_loaded"] is False and outcome["thread_loaded"] is False
@@ -341,13 +346,16 @@ def test_thread_and_parent_read_the_body_concurrently_once(serve, pools, first, 
 
 def test_tasks_reusing_a_thread_each_read_the_whole_body_and_files(serve, pools):
     # Readers keep their position per greenlet; a worker thread runs task
-    # after task, each must start at the beginning.
+    # after task, each must start its files at the beginning. (The first
+    # task's files parse consumes the raw stream, as Werkzeug's: later tasks'
+    # first raw reads get b"", G5; the stream's own positions per task:
+    # test_two_tasks_of_one_request_on_one_worker_each_read_the_stream_from_the_start.)
     pool = pools(1)
     app = App()
     results = {}
 
     def task(_):
-        return threading.get_ident(), sha(request.stream.read()), sha(request.files["f"].read())
+        return threading.get_ident(), sha(request.stream.read(1000)), sha(request.files["f"].read())
 
     @app.app.route("/read", methods=["POST"])
     def read():
@@ -360,7 +368,9 @@ def test_tasks_reusing_a_thread_each_read_the_whole_body_and_files(serve, pools)
     assert response.status == 200
     threads = {ident for ident, _, _ in results["tasks"]}
     assert len(threads) == 1
-    assert [r[1:] for r in results["tasks"]] == [(sha(FORM_BODY), sha(FILE_CONTENT))] * 3
+    assert [r[1:] for r in results["tasks"]] == [(sha(FORM_BODY[:1000]), sha(FILE_CONTENT))] + [
+        (sha(b""), sha(FILE_CONTENT))
+    ] * 2
     app.wait_torn_down()
 
 
@@ -524,15 +534,22 @@ def test_two_tasks_of_one_request_on_one_worker_each_read_the_stream_from_the_st
 
     @app.post("/twice")
     def twice() -> dict[str, str]:
-        def read() -> str:
-            return sha(request.stream.read())
+        def read(size: int) -> str:
+            return sha(request.stream.read(size))
 
-        return {"first": pool.apply(read), "second": pool.apply(read)}
+        return {
+            "first": pool.apply(read, (1000,)),
+            "second": pool.apply(read, (1000,)),  # from the start again: not the first task's position
+            "whole": pool.apply(read, (-1,)),
+            "after": pool.apply(read, (-1,)),  # G5: a stream read to its end consumed it, as Werkzeug's
+        }
 
-    body = b"x" * 5000
+    body = bytes(range(256)) * 20
     response = serve(app).request("POST", "/twice", body=body)
     assert response.status == 200
-    assert response.json() == {"first": sha(body), "second": sha(body)}
+    assert response.json() == {
+        "first": sha(body[:1000]), "second": sha(body[:1000]), "whole": sha(body), "after": sha(b"")
+    }
 
 
 # -- hand-offs made inside thread tasks -------------------------------------------
