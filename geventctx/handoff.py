@@ -29,7 +29,7 @@ from contextvars import Context, copy_context
 from functools import partial
 
 import gevent
-from greenlet import getcurrent, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 from . import _threads, errorlog, registry
 from ._misuse import check_unmanaged
@@ -294,6 +294,14 @@ def _release_at_end(child: t.Any) -> None:
         child_ended(child, scope)
 
 
+def _is_kill(args: tuple[t.Any, ...]) -> bool:
+    # What greenlet.throw(*args) raises is a GreenletExit (its default).
+    if not args:
+        return True
+    exc = args[0]
+    return isinstance(exc, GreenletExit) or (isinstance(exc, type) and issubclass(exc, GreenletExit))
+
+
 def _kill_of(child: t.Any) -> BaseException | None:
     # What killed a greenlet before it started: gevent keeps a GreenletExit
     # as its value (a "successful" end), any other exception as its error.
@@ -387,9 +395,11 @@ class Greenlet(gevent.Greenlet):
                 _release_at_end(self)
 
     def throw(self, *args: t.Any) -> t.Any:
-        # gevent's kill() and killall() come here: held back while this
-        # child runs its request's end (geventctx.request_end.child_ended).
-        if _shielded and self in _shielded:
+        # gevent's kill() and killall() come here: a kill (GreenletExit,
+        # their default) is held back while this child runs its request's
+        # end (geventctx.request_end.child_ended). Anything else — a
+        # gevent.Timeout a step set for itself — is the step's own.
+        if _shielded and self in _shielded and _is_kill(args):
             _shielded[self].append(args)
             return None
         return greenlet.throw(self, *args)

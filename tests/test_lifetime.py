@@ -10,6 +10,7 @@ an Event the test sets after reading the response: order, never timing.
 
 from __future__ import annotations
 
+import time
 import typing as t
 import warnings
 
@@ -456,3 +457,34 @@ def test_the_last_child_runs_the_requests_end_in_its_own_greenlet_and_a_kill_doe
     wait_for(lambda: child.dead, 5, "the child's end")
     assert where["finished"] and life.teardowns() == 1
     assert child.successful() and child.value == "the child's result"
+
+
+def test_a_timeout_set_by_a_teardown_function_fires_in_the_last_child(serve: t.Any) -> None:
+    # The last child holds back a kill while it runs the request's end, but
+    # a gevent.Timeout the teardown function set for itself is its own: it
+    # fires on time (it was swallowed once, and the sleep ran its 3 s).
+    life = App()
+    seen: dict[str, t.Any] = {}
+
+    @life.app.teardown_request
+    def bounded(exc: BaseException | None) -> None:
+        seen["greenlet"] = gevent.getcurrent()
+        start = time.monotonic()
+        try:
+            with gevent.Timeout(0.05):
+                gevent.sleep(3)
+        except gevent.Timeout:
+            seen["fired_after"] = time.monotonic() - start
+        seen["done"] = True
+
+    @life.app.get("/fire")
+    def fire() -> str:
+        seen["child"] = geventctx.spawn(life.child, "fired")
+        return "sent"
+
+    response = http_request(serve(life.app).port, "GET", "/fire")
+    assert response is not None and response.body == b"sent"
+    life.gate.set()
+    wait_for(lambda: "done" in seen, 5, "the teardown function")
+    assert seen["greenlet"] is seen["child"]  # run by the last child
+    assert seen.get("fired_after", 99.0) < 1.0
