@@ -23,7 +23,9 @@ And one moment of each child that held the request:
    goes back; if it was the last holder (the request ended before it), the
    request's end steps run right there, in the request's Context: no hub
    callback and no extra greenlet per request. While they run, a kill
-   aimed at that child is held back, then dropped (its result stands), and
+   aimed at that child (``GreenletExit``, what ``kill()`` throws) is held
+   back, then dropped (its result stands; a ``gevent.Timeout`` a step sets
+   for itself fires as usual), and
    a step's failure is logged, never the child's. (A child that never ran,
    or a greenlet of another class, is released from its link in the hub:
    its steps then run in a greenlet of their own, see
