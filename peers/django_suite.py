@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 from judge import count, regressions
+from suitekit import sdist_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "django-suite"
@@ -49,11 +48,6 @@ _RESULT = re.compile(
 _FAILED = re.compile(r"^(?P<kind>FAIL|ERROR): \w+ \((?P<id>[\w.]+)\)", re.M)
 
 
-def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
-
-
 def django_version(python: str) -> str:
     script = "from importlib.metadata import version; print(version('django'))"
     return subprocess.run([python, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
@@ -64,21 +58,7 @@ def django_tests(python: str, version: str) -> Path:
     source = CACHE / f"django-{version}-src"
     if (source / "tests" / "runtests.py").is_file():
         return source / "tests"
-    download = CACHE / f"download-{version}"
-    run([python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(download),
-         f"django=={version}"])
-    archives = sorted(download.glob("*.tar.gz"))
-    if not archives:
-        raise SystemExit(f"no Django {version} source archive was downloaded into {download}")
-    unpacked = CACHE / "unpacked"
-    shutil.rmtree(unpacked, ignore_errors=True)
-    with tarfile.open(archives[0]) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        tar.extractall(unpacked, filter="data")
-    if source.exists():
-        shutil.rmtree(source)
-    (unpacked / top).rename(source)
-    return source / "tests"
+    return sdist_source(python, f"django=={version}", CACHE, source, "Django") / "tests"
 
 
 def run_suite(python: str, tests: Path, with_adapter: bool, log: Path) -> tuple[dict[str, str], float]:

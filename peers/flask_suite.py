@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from judge import count, regressions
+from suitekit import sdist_source, stamped_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "flask-suite"
@@ -51,11 +50,6 @@ def suite_deps(flask_version: str) -> list[str]:
 
 #: Seconds each run of the suite may take.
 RUN_TIMEOUT = 900
-
-
-def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
 
 
 #: The distributions whose versions the suite's venv takes from ``--python``
@@ -89,19 +83,10 @@ def requirement(python: str, name: str, version: str) -> str:
 
 def suite_venv(python: str, found: dict[str, str]) -> Path:
     """The suite's venv for these versions (made once; a stamp marks it done)."""
-    venv = ROOT / f".venv-flask-suite-{found['flask']}"
-    stamp = venv / ".installed"
     deps = suite_deps(found["flask"])
+    packages = [*(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *deps]
     wanted = " ".join([*(found[name] for name in MATCHED), PYTEST, *deps])
-    if stamp.exists() and stamp.read_text() == wanted:
-        return venv
-    if venv.exists():
-        shutil.rmtree(venv)
-    run([sys.executable, "-m", "venv", str(venv)])
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    run(pip + ["-e", str(ROOT), *(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *deps])
-    stamp.write_text(wanted)
-    return venv
+    return stamped_venv(ROOT / f".venv-flask-suite-{found['flask']}", packages, wanted)
 
 
 def flask_tests(venv: Path, python: str, flask_version: str) -> Path:
@@ -112,26 +97,7 @@ def flask_tests(venv: Path, python: str, flask_version: str) -> Path:
     if (source / "tests").is_dir():
         return source
     wanted = requirement(python, "flask", flask_version)
-    download = CACHE / f"download-{flask_version}"
-    run([str(venv / "bin" / "python"), "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         "-d", str(download), wanted])
-    archives = sorted(download.glob("*"))
-    if not archives:
-        raise SystemExit(f"no Flask {flask_version} source archive was downloaded into {download}")
-    archive = archives[0]
-    if archive.suffix == ".zip":
-        shutil.unpack_archive(str(archive), str(CACHE / "unpacked"))
-        top = CACHE / "unpacked"
-        found = next(p for p in top.iterdir() if (p / "tests").is_dir())
-    else:
-        with tarfile.open(archive) as tar:
-            names = tar.getnames()
-            tar.extractall(CACHE / "unpacked", filter="data")
-        found = CACHE / "unpacked" / names[0].split("/")[0]
-    if source.exists():
-        shutil.rmtree(source)
-    found.rename(source)
-    return source
+    return sdist_source(str(venv / "bin" / "python"), wanted, CACHE, source, "Flask")
 
 
 def run_suite(venv: Path, source: Path, with_extension: bool, report: Path, patch: bool = False) -> float:

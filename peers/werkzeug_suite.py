@@ -44,15 +44,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-from flask_suite import detail, outcomes, requirement, run
+from flask_suite import detail, outcomes, requirement
 from judge import count, regressions
+from suitekit import sdist_source, stamped_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "werkzeug-suite"
@@ -78,18 +77,9 @@ def versions(python: str) -> dict[str, str]:
 
 def suite_venv(python: str, found: dict[str, str]) -> Path:
     """The tests' venv for these versions (made once; a stamp marks it done)."""
-    venv = ROOT / f".venv-werkzeug-suite-{found['werkzeug']}"
-    stamp = venv / ".installed"
+    packages = [*(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *SUITE_DEPS]
     wanted = " ".join([*(found[name] for name in MATCHED), PYTEST, *SUITE_DEPS])
-    if stamp.exists() and stamp.read_text() == wanted:
-        return venv
-    if venv.exists():
-        shutil.rmtree(venv)
-    run([sys.executable, "-m", "venv", str(venv)])
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    run(pip + ["-e", str(ROOT), *(requirement(python, name, found[name]) for name in MATCHED), PYTEST, *SUITE_DEPS])
-    stamp.write_text(wanted)
-    return venv
+    return stamped_venv(ROOT / f".venv-werkzeug-suite-{found['werkzeug']}", packages, wanted)
 
 
 def werkzeug_tests(venv: Path, python: str, version: str) -> Path:
@@ -98,20 +88,8 @@ def werkzeug_tests(venv: Path, python: str, version: str) -> Path:
     source = CACHE / f"werkzeug-{version}"
     if (source / "tests").is_dir():
         return source
-    download = CACHE / f"download-{version}"
-    run([str(venv / "bin" / "python"), "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         "-d", str(download), requirement(python, "werkzeug", version)])
-    archives = sorted(download.glob("*.tar.gz"))
-    if not archives:
-        raise SystemExit(f"no Werkzeug {version} sdist was downloaded into {download}")
-    unpacked = CACHE / "unpacked"
-    with tarfile.open(archives[0]) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        tar.extractall(unpacked, filter="data")
-    if source.exists():
-        shutil.rmtree(source)
-    (unpacked / top).rename(source)
-    return source
+    return sdist_source(str(venv / "bin" / "python"), requirement(python, "werkzeug", version), CACHE, source,
+                        "Werkzeug")
 
 
 def run_suite(venv: Path, source: Path, shared: bool, report: Path, counts: Path) -> float:
