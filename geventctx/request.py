@@ -236,6 +236,31 @@ class SharedBodyRequest:
                 data = view.read()  # not cached: the stream is read to its end, as Werkzeug's
         return data.decode(errors="replace") if as_text else data
 
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> t.Any:
+        """Werkzeug's, but one greenlet or thread parses at a time: a cached
+        JSON body is parsed once, the others wait for its result (G5: cached
+        consumers make no copy); a failed parse is tried again by the next."""
+        body = self.shared_body()
+        if body is None or not cache or "_geventctx_stream" in self.__dict__:
+            return super().get_json(force, silent, cache)  # type: ignore[misc]
+        state = self.__dict__
+        mark = _Parsing()
+        while True:
+            with _mark_lock:
+                if self._cached_json[silent] is not Ellipsis:  # type: ignore[attr-defined]
+                    break
+                other = state.get("_geventctx_json")
+                if other is None:
+                    state["_geventctx_json"] = mark
+                    break
+            body._changes.wait(lambda: state.get("_geventctx_json") is not other)
+        try:
+            return super().get_json(force, silent, cache)  # type: ignore[misc]
+        finally:
+            if state.get("_geventctx_json") is mark:
+                del state["_geventctx_json"]
+                body._changes.notify()
+
     def _get_stream_for_parsing(self) -> t.IO[bytes]:
         body = self.shared_body()
         if body is None or "_geventctx_stream" in self.__dict__:

@@ -743,3 +743,34 @@ def test_an_assigned_stream_is_what_every_consumer_reads(serve):
 
     assert response.status == 200
     assert seen["assigned"] and seen["form"] == {"NAME": "ADA"}
+
+
+def test_json_read_by_the_view_and_a_child_at_once_is_parsed_once(serve):
+    # G5 (revised): cached consumers never make a copy: while the body still
+    # arrives, the view and a child both call get_json(); one parses, the
+    # other waits for its result — one json.loads, the same object for both.
+    from flask.json.provider import DefaultJSONProvider
+
+    loads: list[int] = []
+
+    class CountingProvider(DefaultJSONProvider):
+        def loads(self, s: t.Any, **kwargs: t.Any) -> t.Any:
+            loads.append(len(s))
+            return super().loads(s, **kwargs)
+
+    app = make_app()
+    app.json = CountingProvider(app)
+    seen: dict[str, t.Any] = {}
+
+    @app.route("/read", methods=["POST"])
+    def read() -> str:
+        child = geventctx.spawn(lambda: request.get_json())
+        seen["view"] = request.get_json()
+        seen["child"] = child.get(timeout=JOIN_TIMEOUT)
+        return "read"
+
+    response = send(serve(app), JSON_BODY, "application/json", "trickled")
+
+    assert response.status == 200
+    assert seen["view"] == JSON_DOC and seen["child"] is seen["view"]
+    assert loads == [len(JSON_BODY)]
