@@ -253,7 +253,7 @@ class SharedBodyRequest:
                 if other is None:
                     state["_geventctx_json"] = mark
                     break
-            body._changes.wait(lambda: state.get("_geventctx_json") is not other)
+            body._changes.wait(lambda other=other: state.get("_geventctx_json") is not other)  # type: ignore[misc]
         try:
             return super().get_json(force, silent, cache)  # type: ignore[misc]
         finally:
