@@ -38,7 +38,7 @@ import typing as t
 from gevent.monkey import get_original
 from werkzeug.wsgi import LimitedStream
 
-from .body import BODY_GONE, ENVIRON_BODY, BodyCursor, SharedBody, SharedFile, reader_key
+from .body import BODY_GONE, ENVIRON_BODY, BodyCursor, SharedBody, SharedFile, _Reader, reader_key
 from .errors import BodyReadError
 
 __all__ = ["SharedBodyRequest", "RequestStream", "shared_body_request_class"]
@@ -48,7 +48,7 @@ __all__ = ["SharedBodyRequest", "RequestStream", "shared_body_request_class"]
 _mark_lock = get_original("_thread", "allocate_lock")()
 
 
-class RequestStream(LimitedStream):
+class RequestStream(_Reader, LimitedStream):
     """A request's ``stream`` and ``input_stream`` over its shared body.
 
     Each greenlet (or thread task) reads from a position of its own — the
@@ -113,32 +113,22 @@ class RequestStream(LimitedStream):
         if key in cursors and cursors[key] < position:
             cursors[key] = position
 
-    def _moved(self, position: int) -> None:
+    # The file methods (read, readline, readinto, readall) are the body
+    # readers' own (_Reader), at this position:
+
+    @property
+    def _body(self) -> SharedBody:  # type: ignore[override]
+        return self.body
+
+    def _at(self) -> int:
+        return self.position()
+
+    def _move(self, position: int) -> None:
         body = self.body
         key = reader_key()
         body._cursors[key] = position
         if body.loaded and position >= body.received:
             self.consumed(key, position)  # read to its end: consumed, as Werkzeug's stream
-
-    def read(self, size: int | None = -1) -> bytes:
-        position = self.position()
-        data = self.body._read_at(position, size)
-        self._moved(position + len(data))
-        return data
-
-    def readline(self, size: int | None = -1) -> bytes:
-        position = self.position()
-        data = self.body._readline_at(position, size)
-        self._moved(position + len(data))
-        return data
-
-    def readinto(self, buffer: t.Any) -> int:
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
 
     def tell(self) -> int:
         return self.position()
