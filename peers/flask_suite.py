@@ -22,16 +22,13 @@ suite judges Flask's promises, not ours.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from judge import count, regressions
-from suitekit import sdist_source, stamped_venv
+from suitekit import baseline, detail, outcomes, run_pytest, sdist_source, stamped_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "flask-suite"
@@ -101,50 +98,16 @@ def flask_tests(venv: Path, python: str, flask_version: str) -> Path:
 
 
 def run_suite(venv: Path, source: Path, with_extension: bool, report: Path, patch: bool = False) -> float:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "peers")
-    env["GEVENTCTX_FLASK_SUITE"] = "1" if with_extension else "0"
-    env["GEVENTCTX_FLASK_SUITE_PATCH"] = "1" if patch else "0"
-    env.pop("GEVENTCTX_PATCH", None)
-    cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:geventctx",
-           "-p", "flask_suite_plugin", "-o", "addopts=", f"--junitxml={report}", "tests"]
-    start = time.monotonic()
-    print("+", " ".join(cmd), f"(GEVENTCTX_FLASK_SUITE={env['GEVENTCTX_FLASK_SUITE']}, patch_all={patch})", flush=True)
-    done = subprocess.run(cmd, cwd=source, env=env, text=True, capture_output=True, timeout=RUN_TIMEOUT)
-    tail = [line for line in done.stdout.splitlines() if line.strip()][-3:]
-    print("\n".join("    " + line for line in tail), flush=True)
+    env = {
+        "GEVENTCTX_FLASK_SUITE": "1" if with_extension else "0",
+        "GEVENTCTX_FLASK_SUITE_PATCH": "1" if patch else "0",
+    }
+    output, took = run_pytest(venv, source, "flask_suite_plugin", report, ["tests"], env, RUN_TIMEOUT)
     if with_extension:
-        applied = re.search(r"GeventContext applied to (\d+) apps", done.stdout)
+        applied = re.search(r"GeventContext applied to (\d+) apps", output)
         if applied is None or int(applied.group(1)) == 0:
             raise SystemExit("the extension was applied to no app: the suite judged nothing")
-    if not report.exists():
-        print(done.stdout[-4000:], done.stderr[-4000:])
-        raise SystemExit("the suite did not write its report")
-    return time.monotonic() - start
-
-
-def outcomes(report: Path) -> dict[str, str]:
-    """test id -> passed / failed / error / skipped."""
-    result: dict[str, str] = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = "failed" if child.tag == "failure" else child.tag
-                if child.tag == "error" and outcome != "failed":
-                    outcome = "error"
-        result[name] = outcome
-    return result
-
-
-def detail(report: Path, name: str) -> str:
-    for case in ET.parse(report).getroot().iter("testcase"):
-        if f"{case.get('classname')}::{case.get('name')}" == name:
-            for child in case:
-                if child.tag in ("failure", "error"):
-                    return (child.get("message") or "").splitlines()[0][:200] if child.get("message") else ""
-    return ""
+    return took
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,14 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("GeventContext + patch_all", reports / "geventctx-patched.xml", True)]
     took = run_suite(venv, source, False, plain_report)
     plain = outcomes(plain_report)
-    broken = sorted(name for name, outcome in plain.items() if outcome == "error" and name.startswith("::"))
-    if broken or not any(outcome == "passed" for outcome in plain.values()):
+    failures = baseline(plain, plain_report)
+    if failures is None:
         print(f"Flask {found['flask']}'s suite does not collect with these versions (plain run): nothing judged")
         return 2
-
-    lines = [f"Flask {found['flask']} suite, plain: {count(plain)} ({took:.0f} s)"]
-    for name in sorted(n for n, o in plain.items() if o in ("failed", "error")):
-        lines.append(f"  baseline failure (not counted): {name}: {detail(plain_report, name)}")
+    lines = [f"Flask {found['flask']} suite, plain: {count(plain)} ({took:.0f} s)", *failures]
     bad = 0
     for label, report, patch in variants:
         took = run_suite(venv, source, True, report, patch)

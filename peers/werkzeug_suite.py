@@ -43,15 +43,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from flask_suite import detail, outcomes, requirement
+from flask_suite import requirement
 from judge import count, regressions
-from suitekit import sdist_source, stamped_venv
+from suitekit import baseline, detail, outcomes, run_pytest, sdist_source, stamped_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "werkzeug-suite"
@@ -93,23 +91,9 @@ def werkzeug_tests(venv: Path, python: str, version: str) -> Path:
 
 
 def run_suite(venv: Path, source: Path, shared: bool, report: Path, counts: Path) -> float:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "peers")
-    env["GEVENTCTX_WERKZEUG_SUITE"] = "1" if shared else "0"
-    env["GEVENTCTX_WERKZEUG_SUITE_COUNT"] = str(counts)
-    env.pop("GEVENTCTX_PATCH", None)
     counts.unlink(missing_ok=True)
-    cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:geventctx",
-           "-p", "werkzeug_suite_plugin", "-o", "addopts=", f"--junitxml={report}", *TEST_FILES]
-    start = time.monotonic()
-    print("+", " ".join(cmd), f"(GEVENTCTX_WERKZEUG_SUITE={env['GEVENTCTX_WERKZEUG_SUITE']})", flush=True)
-    done = subprocess.run(cmd, cwd=source, env=env, text=True, capture_output=True, timeout=RUN_TIMEOUT)
-    tail = [line for line in done.stdout.splitlines() if line.strip()][-3:]
-    print("\n".join("    " + line for line in tail), flush=True)
-    if not report.exists():
-        print(done.stdout[-4000:], done.stderr[-4000:])
-        raise SystemExit("the tests did not write their report")
-    return time.monotonic() - start
+    env = {"GEVENTCTX_WERKZEUG_SUITE": "1" if shared else "0", "GEVENTCTX_WERKZEUG_SUITE_COUNT": str(counts)}
+    return run_pytest(venv, source, "werkzeug_suite_plugin", report, list(TEST_FILES), env, RUN_TIMEOUT)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     took = run_suite(venv, source, False, plain_report, reports / "plain-counts.json")
     plain = outcomes(plain_report)
-    broken = sorted(name for name, outcome in plain.items() if outcome == "error" and name.startswith("::"))
-    if broken or not any(outcome == "passed" for outcome in plain.values()):
+    failures = baseline(plain, plain_report)
+    if failures is None:
         print(f"Werkzeug {version}'s tests do not collect with these versions (plain run): nothing judged")
         return 2
-    lines = [f"Werkzeug {version} tests ({', '.join(TEST_FILES)}), plain: {count(plain)} ({took:.0f} s)"]
-    for name in sorted(n for n, o in plain.items() if o in ("failed", "error")):
-        lines.append(f"  baseline failure (not counted): {name}: {detail(plain_report, name)}")
+    lines = [f"Werkzeug {version} tests ({', '.join(TEST_FILES)}), plain: {count(plain)} ({took:.0f} s)", *failures]
 
     counts_file = reports / "shared-body-counts.json"
     took = run_suite(venv, source, True, shared_report, counts_file)
