@@ -273,7 +273,7 @@ class Ending:
         return getattr(self.function, name)
 
 
-def _release_at_end(child: t.Any) -> None:
+def _release_at_end(child: Greenlet, scope: Scope) -> None:
     """The rule for a child's hold: a geventctx greenlet that ran gives its
     hold on its request back at its own end, in its greenlet, once its
     function (and its ends) returned or raised and gevent recorded its
@@ -282,9 +282,6 @@ def _release_at_end(child: t.Any) -> None:
     runs the request's end. One that never ran is released by its link
     (:func:`_finished`), and so is a greenlet of another class handed off
     (a pool's ``greenlet_class``, a raw greenlet)."""
-    scope = getattr(child, "_geventctx_scope", None)
-    if scope is None or getattr(child, "_geventctx_started", None) is None:
-        return
     child._geventctx_started = child._geventctx_ending = None
     child.unlink(_finished)
     scope.children.pop(id(child), None)
@@ -391,8 +388,10 @@ class Greenlet(gevent.Greenlet):
         try:
             _base_run(self)
         finally:
-            if getattr(self, "_geventctx_started", None) is not None:
-                _release_at_end(self)
+            # A running hand-off that holds a request (outside one, or not
+            # handed off: its link, _finished, does the rest).
+            if getattr(self, "_geventctx_started", None) is not None and self._geventctx_scope is not None:
+                _release_at_end(self, self._geventctx_scope)
 
     def throw(self, *args: t.Any) -> t.Any:
         # gevent's kill() and killall() come here: a kill (GreenletExit,
