@@ -26,7 +26,7 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
-__all__ = ["Source", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
+__all__ = ["Source", "SourceTimeout", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
 
 #: The largest read asked of a server input that blocks until it has it all.
 SMALL_READ = 8 * 1024
@@ -53,13 +53,40 @@ class Source:
         # A server input that reads until it has all it was asked for.
         return self.raw.read(min(wanted, SMALL_READ))  # type: ignore[no-any-return]
 
+    def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
+        """``size`` bytes (fewer only at the end of the body), as the
+        server's own ``read(size)`` gives them, each wait for the client
+        bounded by ``seconds`` (:class:`SourceTimeout`); ``None`` if this
+        input cannot bound its waits so (read with :meth:`read` instead)."""
+        return None
+
+
+class SourceTimeout(Exception):
+    """No byte arrived for the seconds given to :meth:`Source.read_exactly`."""
+
 
 class _PywsgiLength(Source):
     """gevent.pywsgi's Input for a Content-Length body: one socket read of
     what has arrived (``read1``), counted in the Input as its own read would
-    (so it discards exactly the rest at the end), after ``100 Continue``."""
+    (so it discards exactly the rest at the end), after ``100 Continue``.
+    ``read_exactly`` is the Input's own ``read``, with the socket's timeout
+    set meanwhile (a gevent socket starts a timer only when it must wait)."""
 
     lossless = True
+
+    def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
+        raw = self.raw
+        sock = getattr(getattr(raw.rfile, "raw", None), "_sock", None)
+        if sock is None:
+            return None
+        before = sock.timeout
+        sock.settimeout(seconds)
+        try:
+            return raw.read(size)  # type: ignore[no-any-return]
+        except TimeoutError:  # socket.timeout
+            raise SourceTimeout() from None
+        finally:
+            sock.settimeout(before)
 
     def read(self, wanted: int) -> bytes:
         raw = self.raw
@@ -67,7 +94,7 @@ class _PywsgiLength(Source):
         if left <= 0:
             return b""
         raw._send_100_continue()
-        data: bytes = raw.rfile.read1(min(CHUNK, left))
+        data: bytes = raw.rfile.read1(min(wanted, left))
         if not data:
             raise OSError(f"unexpected end of file while reading request at position {raw.position}")
         raw.position += len(data)

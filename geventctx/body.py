@@ -67,7 +67,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from . import _servers
 from ._wakeup import Changes
 from .errors import BodyReadError, BodyTimeout
-from .spool import DEFAULT_MEMORY_LIMIT, Spool
+from .spool import DEFAULT_MEMORY_LIMIT, Forgotten, Spool
 
 __all__ = [
     "SharedBody",
@@ -225,6 +225,10 @@ class SharedBody(_Reader):
         #: short): the connection must not be reused.
         self.broken = False
         self._cursor_map: weakref.WeakKeyDictionary[t.Any, int] | None = None
+        #: How many wait for nobody to read the input (:meth:`_wait_idle`).
+        self._idle_waiters = 0
+        #: The readers of a form parse in progress (see :meth:`cursor`).
+        self._parses: list[BodyCursor] = []
         #: The request scope that made the body and releases it as the last
         #: step of its teardown (an adapter stacked inside shares it).
         self.owner: t.Any = None
@@ -306,6 +310,11 @@ class SharedBody(_Reader):
             wanted = CHUNK
         else:
             return 0
+        return self._clip(wanted)
+
+    def _clip(self, wanted: int) -> int:
+        # No read past the announced length, nor more than one byte past the limit.
+        size = self._spool.size
         if self.length is not None:
             wanted = min(wanted, self.length - size)
         elif self._max is not None:
@@ -391,19 +400,30 @@ class SharedBody(_Reader):
 
     def _pump_once(self, wanted: int, seconds: float | None) -> bool:
         """One read off the server's input into the spool; ``False``: stop."""
-        spool = self._spool
+        return self._take(wanted, seconds) is not None
+
+    def _take(self, wanted: int, seconds: float | None, through: bool = False) -> bytes | None:
+        """One read off the server's input into the spool; ``None``: stop.
+        ``through``: a reader's own read, kept nowhere (:meth:`_read_through`)."""
         if wanted <= 0:
-            return False
+            return None
         try:
-            data = self._read_source(wanted, seconds)
+            data = self._read_source(wanted, seconds, through)
         except _QuietStop:
-            return False
+            return None
+        return self._taken(data, through)
+
+    def _taken(self, data: bytes, through: bool) -> bytes | None:
+        # What a read off the input brought: counted, kept (unless read
+        # through), and checked against the length and the limit.
+        spool = self._spool
         if spool.closed:
-            return False
+            return None
         if data:
             if self._max is not None and spool.size + len(data) > self._max:
                 data = data[: self._max + 1 - spool.size]  # keep one byte past it, no more
-            spool.append(data)
+            if not (through and spool.skip(len(data))):
+                spool.append(data)
             if self._max is not None and spool.size > self._max:
                 # Not out of step: the server can discard the rest.
                 raise RequestEntityTooLarge()
@@ -415,14 +435,14 @@ class SharedBody(_Reader):
         else:
             spool.end()
         self._progress()
-        return True
+        return data
 
     def _failed(self, exc: BaseException) -> None:
         if not isinstance(exc, RequestEntityTooLarge):
             self.broken = True  # the server's input failed mid-read
         self._spool.fail(_servers.translate(exc))
 
-    def _read_source(self, size: int, seconds: float | None) -> bytes:
+    def _read_source(self, size: int, seconds: float | None, waited: bool = False) -> bytes:
         source = self._source
         assert source is not None
         if seconds is None:
@@ -436,7 +456,7 @@ class SharedBody(_Reader):
         except Timeout as exc:
             if exc is not timer:
                 raise
-            if source.lossless and not self._targets and not self._capturing:
+            if source.lossless and not (waited or self._targets or self._capturing):
                 # Reading ahead, nobody waiting, nothing lost: just stop.
                 raise _QuietStop() from None
             self.broken = True
@@ -491,6 +511,12 @@ class SharedBody(_Reader):
     def _gone(self) -> BodyReadError:
         return BodyReadError("the request has ended: its body was released")
 
+    def _not_kept(self, error: Forgotten) -> BaseException:
+        return self._spool.error or BodyReadError(
+            f"the request body could not be read from where this reader starts: {error}; the only reader "
+            "that needed them, a form parse, was interrupted before its end"
+        )
+
     def _read_at(self, position: int, size: int | None) -> bytes:
         """Bytes at ``position``: ``size`` of them (fewer only at the end),
         or all the rest (``size`` < 0) once the body is complete."""
@@ -502,6 +528,8 @@ class SharedBody(_Reader):
         self._wait_for(position + size)
         try:
             data = spool.read(position, size)
+        except Forgotten as exc:
+            raise self._not_kept(exc) from None
         except ValueError:
             raise self._gone() from None
         if len(data) < size and spool.error is not None:
@@ -521,6 +549,8 @@ class SharedBody(_Reader):
                 raise spool.error  # never a silently short body
             try:
                 return spool.whole() if position == 0 else spool.read(position, -1)
+            except Forgotten as exc:
+                raise self._not_kept(exc) from None
             except ValueError:
                 raise self._gone() from None
         finally:
@@ -543,6 +573,8 @@ class SharedBody(_Reader):
                 scanned = spool.size
                 self._wait_for(spool.size + 1)
             data = spool.read(position, end - position)
+        except Forgotten as exc:
+            raise self._not_kept(exc) from None
         except ValueError:
             raise self._gone() from None
         if spool.error is not None and not data.endswith(b"\n") and position + len(data) < limit:
@@ -563,10 +595,109 @@ class SharedBody(_Reader):
                 "parse it, before handing off; or pass the part read to the child)"
             )
 
-    def cursor(self) -> BodyCursor:
-        """A reader of its own, from the first byte (for a parser)."""
+    def cursor(self, start: int = 0, *, parse: bool = False) -> BodyCursor:
+        """A reader of its own, from ``start`` (for a parser).
+
+        With ``parse``, the reader of a parse whose result is cached, which
+        nobody else reads raw while it runs (a Werkzeug form parse: raw
+        readers wait for it, then start where it ended): the bytes behind
+        it are freed as it reads unless another reader is behind it (G5: a
+        single consumer keeps no copy). End it with :meth:`parse_ended`.
+        """
         self._check_whole()
-        return BodyCursor(self)
+        cursor = BodyCursor(self)
+        cursor._position = start
+        if parse:
+            cursor.parse = True
+            self._parses.append(cursor)
+        return cursor
+
+    def parse_ended(self, cursor: BodyCursor) -> None:
+        """The parse reading through ``cursor`` ended, however it ended."""
+        if cursor in self._parses:
+            self._parses.remove(cursor)
+
+    def _read_through(self, cursor: BodyCursor, size: int) -> bytes | None:
+        """A parse's read straight off the server's input, kept nowhere:
+        what it reads when it alone reads the body (G5: one consumer makes
+        no copy). Up to ``size`` bytes (fewer as they arrive), or ``None``
+        when the bytes must go through the spool: someone else reads the
+        source or waits for bytes, or another reader's position is behind
+        the end, or the bytes there are the only copy of the end of the
+        body to come."""
+        spool = self._spool
+        position = cursor._position
+        if (
+            position != spool.size
+            or spool.done
+            or self._targets
+            or self._capturing
+            or not self._reads_itself()
+            or len(self._parses) != 1
+            or (self._cursor_map and min(self._cursor_map.values()) < position)
+        ):
+            return None
+        if not self._opened:
+            self._open()
+            if spool.done:
+                return None
+        seconds = self.timeout if self.timeout and self.timeout > 0 else None
+        self._pump = _INLINE
+        data: bytes | None = None
+        try:
+            # ``size`` bytes, as a buffered reader gives them (a parser's work
+            # grows with the number of pieces it gets), fewer only at the end.
+            data = self._read_exactly(self._clip(size), seconds)
+        except Exception as exc:
+            self._failed(exc)
+        except BaseException:
+            # Interrupted (killed, the reader's own timeout): what the read
+            # took is gone with it, and nobody kept what came before.
+            self.broken = True
+            spool.fail(BodyReadError("reading the request body was interrupted: the form parse reading it was stopped"))
+            raise
+        finally:
+            self._pump = None
+            if self._targets or self._idle_waiters:
+                # Someone came while it read: the pump serves a reader, and
+                # a waiter for the input to be idle looks again. (Nobody
+                # else is woken per read: a greenlet waiting for the parse's
+                # result sleeps until the parse ends.)
+                if not spool.done and self._targets:
+                    self._start_pump()
+                self._changes.notify()
+        if data is None and spool.error is not None:
+            raise spool.error
+        return data
+
+    def _read_exactly(self, size: int, seconds: float | None) -> bytes | None:
+        source = self._source
+        assert source is not None
+        try:
+            whole = source.read_exactly(size, seconds)
+        except _servers.SourceTimeout:
+            self.broken = True
+            raise BodyTimeout(f"the client sent no request body bytes for {seconds:g}s") from None
+        if whole is not None:
+            return self._taken(whole, through=True)
+        pieces: list[bytes] = []
+        got = 0
+        while got < size and not self._spool.done:
+            piece = self._take(self._clip(size - got), seconds, through=True)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _forget(self) -> None:
+        # While a parse runs, a new raw reader waits for it and starts where
+        # it ended (if it was interrupted: BodyReadError), so only readers
+        # that already have a position need bytes behind the parse.
+        positions = [cursor._position for cursor in self._parses]
+        if self._cursor_map:
+            positions.extend(self._cursor_map.values())
+        self._spool.forget(min(positions))
 
     # -- file-like, one position per greenlet --------------------------------
 
@@ -635,13 +766,13 @@ class SharedBody(_Reader):
                         self._read_inline(_EVERYTHING, getcurrent())
                         continue
                     self._start_pump()
-                    self._changes.wait(lambda: self._pump is None)
+                    self._wait_idle(None)
             else:
                 # Nobody reads on: a read in flight ends within the timeout
                 # (or is stopped without loss); else the connection closes.
                 self._stop_reading_ahead()
                 bound = self.timeout if self.timeout and self.timeout > 0 else DEFAULT_TIMEOUT
-                if not self._changes.wait(lambda: self._pump is None, timeout=bound):
+                if not self._wait_idle(bound):
                     self._abort()
         except BaseException:
             self._abort()
@@ -686,7 +817,15 @@ class SharedBody(_Reader):
             _servers.shut_reading(self._environ, self.raw)
         else:
             self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
-        self._changes.wait(lambda: self._pump is None, timeout=1.0)
+        self._wait_idle(1.0)
+
+    def _wait_idle(self, timeout: float | None) -> bool:
+        # Until nobody reads the server's input; False if ``timeout`` passed.
+        self._idle_waiters += 1
+        try:
+            return self._changes.wait(lambda: self._pump is None, timeout=timeout)
+        finally:
+            self._idle_waiters -= 1
 
     def release(self) -> None:
         """The request's scope has ended: free the spool (memory and file).
@@ -725,18 +864,33 @@ class SharedBody(_Reader):
 
 
 class BodyCursor(_Reader):
-    """An independent reader of a :class:`SharedBody`, from its first byte."""
+    """An independent reader of a :class:`SharedBody` (:meth:`SharedBody.cursor`)."""
+
+    #: True for the reader of a parse (:meth:`SharedBody.cursor`).
+    parse = False
 
     def __init__(self, body: SharedBody) -> None:
         super().__init__()
         self._body = body
         self._position = 0
 
+    def read(self, size: int | None = -1) -> bytes:
+        if self.parse and size is not None and size > 0:
+            # A parser takes what arrived (fewer bytes than asked, as from a
+            # socket), straight off the input when it alone reads.
+            data = self._body._read_through(self, size)
+            if data is not None:
+                self._position += len(data)
+                return data
+        return super().read(size)
+
     def _at(self) -> int:
         return self._position
 
     def _move(self, position: int) -> None:
         self._position = position
+        if self.parse:
+            self._body._forget()
 
     def tell(self) -> int:
         return self._position

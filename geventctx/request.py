@@ -261,8 +261,8 @@ class SharedBodyRequest:
         # The parser's own reader, from where this greenlet read the stream
         # to (as Werkzeug's parser reads its one stream), else from the first
         # byte: a form is cached, so it is what one consumer alone would get.
-        cursor = body.cursor()
-        cursor._position = start = body._cursors.get(reader_key(), 0)
+        start = body._cursors.get(reader_key(), 0)
+        cursor = body.cursor(start, parse=True)
         self.__dict__["_geventctx_parser"] = (cursor, start)
         return t.cast(t.IO[bytes], cursor)
 
@@ -321,7 +321,9 @@ class SharedBodyRequest:
                 view.consumed(key, parser[0].tell())
             state.pop("_geventctx_form", None)
         finally:
-            state.pop("_geventctx_parser", None)
+            parsed = state.pop("_geventctx_parser", None)
+            if parsed is not None:
+                body.parse_ended(parsed[0])
             view.consumers.remove(key)
             body._changes.notify()
 

@@ -6,6 +6,12 @@ closed; it knows whether more may come (``ended``) or why none will
 (``error``), and nothing else. It never reads a socket, never blocks and
 never waits: that is the job of :mod:`geventctx.body`, which feeds it.
 
+The bytes before :attr:`kept_from` are gone: :meth:`forget` frees what
+nobody will read again (the body decides who that is), so a single reader
+that reads as bytes arrive leaves at most the piece it is reading in the
+spool, however large the body; a read there raises :class:`Forgotten`.
+The memory limit counts the bytes kept, not the bytes seen.
+
 One exception to the limit: while a reader *holds* the spool (:meth:`hold`,
 a whole-body read such as ``get_data()``, which will hold every byte in
 memory itself), the bytes stay in memory, and :meth:`whole` then returns
@@ -36,7 +42,7 @@ import typing as t
 
 from gevent.monkey import get_original
 
-__all__ = ["Spool", "DEFAULT_MEMORY_LIMIT"]
+__all__ = ["Spool", "Forgotten", "DEFAULT_MEMORY_LIMIT"]
 
 #: Bytes a spool keeps in memory before it moves to a temporary file.
 DEFAULT_MEMORY_LIMIT = 1024 * 1024
@@ -46,6 +52,10 @@ _allocate_lock = get_original("_thread", "allocate_lock")
 
 #: The pieces in memory and the offset each starts at, swapped as one.
 _Pieces = t.Tuple[t.List[bytes], t.List[int]]
+
+
+class Forgotten(LookupError):
+    """A read before :attr:`Spool.kept_from`: those bytes were not kept."""
 
 
 def _write_all(fd: int, data: t.Any) -> None:
@@ -74,6 +84,10 @@ class Spool:
         "_file",
         "_lock",
         "_holds",
+        "kept_from",
+        "most_kept",
+        "written",
+        "_file_from",
     )
 
     def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT, directory: str | None = None) -> None:
@@ -91,6 +105,13 @@ class Spool:
         self._file: t.Any = None
         self._lock = _allocate_lock()
         self._holds = 0
+        #: The first byte still kept (:meth:`forget` moves it).
+        self.kept_from = 0
+        #: The most bytes kept at once, in memory or on disk.
+        self.most_kept = 0
+        #: Bytes written to the temporary file.
+        self.written = 0
+        self._file_from = 0  # the offset of the file's first byte
 
     @property
     def done(self) -> bool:
@@ -114,24 +135,30 @@ class Spool:
             if self.closed:
                 return
             pieces = self._pieces
-            if pieces is not None and (self._holds or self.size + len(data) <= self.memory_limit):
+            kept = self.size - self.kept_from + len(data)
+            if pieces is not None and (self._holds or kept <= self.memory_limit):
                 chunks, starts = pieces
                 chunks.append(data)  # before its offset: readers index by offset
                 starts.append(self.size)
             else:
                 self._spill()
                 _write_all(self._file.fileno(), data)
+                self.written += len(data)
             self.size += len(data)
+            if kept > self.most_kept:
+                self.most_kept = kept
 
     def _spill(self) -> None:
         # Under the lock: move the pieces in memory to the file, once.
         if self._file is None:
             # Unbuffered: a write is one system call, and pread() sees it.
             self._file = tempfile.TemporaryFile(buffering=0, dir=self.directory)
+            self._file_from = self.kept_from
             pieces = self._pieces
             if pieces is not None:
                 for chunk in pieces[0]:
                     _write_all(self._file.fileno(), chunk)
+                    self.written += len(chunk)
             # Readers holding the old snapshot keep reading it.
             self._pieces = None
 
@@ -144,6 +171,35 @@ class Spool:
         """No more bytes, because of ``error`` (kept for every reader)."""
         if not self.done:
             self.error = error
+
+    def forget(self, below: int) -> None:
+        """Free the bytes before offset ``below``: nobody will read them.
+
+        In memory only, and whole pieces only (the piece holding ``below``
+        stays); not while a whole-body read holds the spool.
+        """
+        with self._lock:
+            pieces = self._pieces
+            if pieces is None or self._holds or below <= self.kept_from:
+                return
+            chunks, starts = pieces
+            first = bisect.bisect_right(starts, below) - 1
+            if first > 0:
+                # New lists: a reader's snapshot of the old ones stays whole.
+                self._pieces = (chunks[first:], starts[first:])
+                self.kept_from = starts[first]
+
+    def skip(self, size: int) -> bool:
+        """``size`` more bytes went by that nobody will read again: count
+        them, keep nothing (every kept byte is forgotten too). ``False``
+        (nothing done) once on disk, where bytes cannot be left out."""
+        with self._lock:
+            if self.done or self._pieces is None or self._holds:
+                return False
+            self.size += size
+            self.kept_from = self.size
+            self._pieces = ([], [])
+            return True
 
     # -- whole-body readers ------------------------------------------------------
 
@@ -170,7 +226,7 @@ class Spool:
         """Every byte appended so far, as one ``bytes``; in memory, the spool
         keeps that same object as its only piece (no second copy)."""
         pieces = self._pieces
-        if pieces is None:
+        if pieces is None or self.kept_from:
             return self.read(0, -1)
         chunks = pieces[0]
         size = self.size
@@ -188,19 +244,24 @@ class Spool:
 
         Returns ``b""`` at the current end, whatever the state: the caller
         decides whether to wait, to report the end, or to raise ``error``.
+        Raises :class:`Forgotten` before :attr:`kept_from`.
         """
         if self.closed:
             raise ValueError("read from a closed spool")
         end = min(self.size, position + size) if size >= 0 else self.size
+        pieces = self._pieces  # one snapshot: forget() and skip() make new lists
+        if pieces is not None and position < (pieces[1][0] if pieces[1] else self.kept_from):
+            raise Forgotten(f"bytes from {position} were not kept")
         if end <= position:
             return b""
-        pieces = self._pieces
         if pieces is not None:
             return _read_pieces(pieces, position, end)
         with self._lock:
             if self.closed:
                 raise ValueError("read from a closed spool")
-            return os.pread(self._file.fileno(), end - position, position)
+            if position < self._file_from:
+                raise Forgotten(f"bytes from {position} were not kept (the spool keeps those from {self._file_from})")
+            return os.pread(self._file.fileno(), end - position, position - self._file_from)
 
     def find(self, byte: bytes, position: int, limit: int) -> int:
         """Offset of the first ``byte`` in ``[position, limit)``, or ``-1``."""

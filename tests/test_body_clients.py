@@ -1283,3 +1283,144 @@ def test_a_thread_task_waiting_for_more_than_an_inline_reader_gets_the_pump(serv
         client.close()
         pool.kill()
     assert notes.results["reading_after_the_greenlet"] is True
+
+
+# -- G5: one consumer keeps no copy --------------------------------------------------
+
+UPLOAD = os.urandom(3 * 1024 * 1024)  # three times the spool's memory limit
+
+
+def form_app(notes: Notes, **config: t.Any) -> Flask:
+    """``POST /form``: the view hands off, and a child reads the same form at
+    the same time (``?raw=1``: the child first reads the raw stream, part of
+    it before the view parses, the rest after)."""
+    app, _ = flask_app(**config)
+    app.teardown_request(lambda exc: notes.teardowns.append(exc))
+
+    @app.post("/form")
+    def form() -> str:
+        notes.body = None
+        started = Event()
+
+        def child() -> t.Any:
+            try:
+                if request.args.get("raw"):
+                    seen = hashlib.sha256(request.stream.read(4096))
+                    started.set()
+                    while piece := request.stream.read(65536):
+                        seen.update(piece)
+                    return seen.hexdigest()
+                started.set()
+                return (request.form, sha(request.files["upload"].read()))
+            except Exception as exc:
+                return exc
+
+        kid = geventctx.spawn(child)
+        notes.body = request.shared_body()
+        started.wait(WAIT)
+        try:
+            mine = (request.form, sha(request.files["upload"].read()))
+        except Exception as exc:
+            mine = exc
+        kid.join(WAIT)
+        notes.results.update(mine=mine, child=kid.value, spool=notes.body.spool)
+        if isinstance(mine, Exception):
+            raise mine
+        return "ok"
+
+    return app
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["fast-client", "trickling-client"])
+def test_a_form_read_by_the_view_and_a_child_at_once_is_parsed_once_and_never_spooled(serve, slow):
+    # The common case of a view that hands off: one greenlet parses, the
+    # other waits for its result. The parser reads the socket itself and
+    # the spool keeps none of the 3 MiB (before: all of it, 2 MiB on disk).
+    notes = Notes()
+    server = serve(form_app(notes))
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+    response = server.request(
+        "POST", "/form", headers={"Content-Type": content_type}, body=body,
+        piece=256 * 1024 if slow else 0, delay=0.01 if slow else 0.0, timeout=WAIT * 2,
+    )
+    assert response is not None and response.status == 200, response
+    mine, child = notes.results["mine"], notes.results["child"]
+    assert mine[1] == child[1] == sha(UPLOAD)
+    assert child[0] is mine[0] and mine[0]["title"] == "report"  # the same parsed form
+    spool = notes.results["spool"]
+    assert spool.size == len(body)  # every byte went by, counted
+    assert spool.written == 0 and spool.most_kept == 0  # and none was kept
+
+
+def test_a_raw_reader_that_began_before_a_form_parse_still_gets_every_byte(serve):
+    # The bytes behind a reader that has a position are kept for it: the
+    # child read 4 KiB of the raw stream, then the view parsed the form.
+    notes = Notes()
+    server = serve(form_app(notes))
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+    response = server.request(
+        "POST", "/form?raw=1", headers={"Content-Type": content_type}, body=body, timeout=WAIT * 2
+    )
+    assert response is not None and response.status == 200, response
+    assert notes.results["mine"][1] == sha(UPLOAD)
+    assert notes.results["child"] == sha(body)  # whole, though the view's parse ran ahead
+    assert notes.results["spool"].most_kept > 0
+
+
+def test_a_form_parse_killed_midway_gives_every_later_consumer_a_clear_error(serve):
+    # The parse read the bytes alone and kept none; killed midway, it leaves
+    # no body to parse again: the next consumer gets BodyReadError (400) and
+    # the connection closes, never a form made of the rest of the body.
+    notes = Notes()
+    app, _ = flask_app()
+    app.teardown_request(lambda exc: notes.teardowns.append(exc))
+
+    @app.post("/kill")
+    def kill() -> str:
+        body = request.shared_body()
+        kid = geventctx.spawn(lambda: request.form)
+        wait_for(lambda: body.received > 100_000, WAIT, "the child's parse to read part of the body")
+        kid.kill(block=True, timeout=WAIT)
+        outcomes = []
+        for consume in (lambda: request.form, lambda: request.stream.read(10), request.get_data):
+            try:
+                outcomes.append(consume())
+            except BodyReadError as exc:
+                outcomes.append(exc)
+        notes.results["outcomes"] = outcomes
+        return "answered"
+
+    server = serve(app)
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/kill", {"Content-Length": str(len(body)), "Content-Type": content_type})
+        client.send(body[:200_000])  # then stalls: the child's parse waits for more
+        response = client.read_response(WAIT)
+        assert response.status == 200 and response.body == b"answered"
+        assert client.closed_by_server(WAIT)  # the input is out of step
+    finally:
+        client.close()
+    outcomes = notes.results["outcomes"]
+    assert all(isinstance(outcome, BodyReadError) for outcome in outcomes), outcomes
+    assert "interrupted" in str(outcomes[0])
+    wait_for(lambda: len(notes.teardowns) == 1, WAIT, "teardown")
+
+
+def test_a_stalled_client_times_out_a_form_parse_read_straight_off_the_socket(serve):
+    # The parse's own read is bounded by the body timeout per wait, as the
+    # pump's are: both consumers get the same 408 and the connection closes.
+    notes = Notes()
+    server = serve(form_app(notes, GEVENTCTX_BODY_TIMEOUT=0.5))
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+    client = RawClient(server.port)
+    try:
+        client.send_head("POST", "/form", {"Content-Length": str(len(body)), "Content-Type": content_type})
+        client.send(body[:300_000])
+        response = client.read_response(WAIT)
+        assert response.status == 408, response.body
+        assert client.closed_by_server(WAIT)
+    finally:
+        client.close()
+    mine, child = notes.results["mine"], notes.results["child"]
+    assert isinstance(mine, BodyTimeout) and child is mine

@@ -13,7 +13,7 @@ import threading
 import pytest
 from processkit import open_files_in
 
-from geventctx.spool import Spool
+from geventctx.spool import Forgotten, Spool
 
 
 def test_reads_see_bytes_as_they_arrive_and_only_those():
@@ -142,3 +142,65 @@ def test_an_unheld_spool_past_its_limit_moves_to_disk(tmp_path):
     assert spool.on_disk and spool.read(0, -1) == b"abcdef"
     assert not spool.hold()  # on disk: nothing to hold
     spool.close()
+
+
+def test_forgotten_bytes_free_memory_and_the_limit_counts_only_the_bytes_kept(tmp_path):
+    # G5: bytes nobody will read again are freed, so a reader that reads as
+    # bytes arrive keeps the spool small, however large the body.
+    spool = Spool(memory_limit=8, directory=str(tmp_path))
+    for piece in (b"abcd", b"efgh", b"ijkl", b"mnop"):
+        spool.append(piece)
+        spool.forget(spool.size - 2)  # the reader is two bytes behind
+    assert not spool.on_disk and spool.written == 0  # 16 bytes seen, never more than 8 kept
+    assert spool.size == 16 and spool.kept_from == 12 and spool.most_kept == 8
+    assert spool.read(14, 2) == b"op"
+    with pytest.raises(Forgotten):
+        spool.read(4, 1)  # freed: an error, never other bytes
+    spool.forget(13)  # within the last piece: it stays whole
+    assert spool.read(12, -1) == b"mnop"
+
+
+def test_skipped_bytes_are_counted_and_kept_nowhere(tmp_path):
+    spool = Spool(memory_limit=4, directory=str(tmp_path))
+    spool.append(b"ab")
+    assert spool.skip(1_000_000)  # a reader read them straight off the input
+    assert spool.size == 1_000_002 and spool.kept_from == spool.size
+    assert not spool.on_disk and spool.written == 0 and spool.most_kept == 2
+    with pytest.raises(Forgotten):
+        spool.read(0, 2)
+    assert spool.read(spool.size, 10) == b""  # at the end: nothing yet
+    spool.append(b"xyz")
+    assert spool.read(1_000_002, -1) == b"xyz"
+    with pytest.raises(Forgotten):
+        spool.whole()  # not the whole body any more
+
+
+def test_a_spill_after_forgetting_reads_at_the_right_offsets(tmp_path):
+    spool = Spool(memory_limit=4, directory=str(tmp_path))
+    spool.append(b"abc")
+    spool.append(b"def")  # 6 > 4: the kept bytes go to disk from here
+    assert spool.on_disk and spool.written == 6
+    spool.forget(6)  # on disk: nothing is freed, everything stays readable
+    assert spool.read(0, 6) == b"abcdef"
+
+    spool = Spool(memory_limit=4, directory=str(tmp_path))
+    spool.append(b"abc")
+    spool.append(b"d")
+    spool.forget(3)
+    spool.append(b"efghi")  # 1 kept + 5 > 4: the file starts at offset 3
+    assert spool.on_disk and spool.written == 6
+    assert spool.read(3, 6) == b"defghi" and spool.read(5, 2) == b"fg"
+    with pytest.raises(Forgotten):
+        spool.read(2, 1)
+    assert not spool.skip(1)  # on disk: bytes cannot be left out
+    spool.close()
+
+
+def test_a_held_spool_forgets_and_skips_nothing():
+    spool = Spool(memory_limit=4)
+    assert spool.hold()
+    spool.append(b"abc")
+    spool.forget(3)
+    assert not spool.skip(5)
+    assert spool.whole() == b"abc"
+    spool.unhold()
