@@ -30,8 +30,9 @@ make no copy); the floor is the "off" app's view parsing once and passing
 what it parsed to a plain ``gevent.spawn`` child (the figure: view entry
 to both having the result).
 
-Rounds are interleaved (every round runs each app/upload once, in an order
-rotated by the round), garbage is collected before every request outside the
+Rounds are interleaved (every round runs each app/upload once: the cases
+in a new seeded-random order, each case's two modes back to back, which
+one first alternating by round), garbage is collected before every request outside the
 timing, and a variant's figure is the median over rounds. One extra,
 untimed request per variant runs under :mod:`tracemalloc` for the peak of
 Python allocations during the request (note column).
@@ -235,9 +236,14 @@ def run(quick: bool) -> list[Row]:
         return elapsed, times[-1]
 
     try:
+        order = random.Random(1)
         for i in range(rounds + 1):  # round 0 is a discarded warm-up
-            k = i % len(variants)
-            for variant in variants[k:] + variants[:k]:
+            # The cases in a new order every round, and a case's two modes
+            # back to back, first one then the other: what runs before a
+            # variant (a 20 MB JSON parse leaves garbage) is the same for both.
+            cases = order.sample(range(len(CASES)), len(CASES))
+            modes = MODES if i % 2 else MODES[::-1]
+            for variant in [(mode, case) for case in cases for mode in modes]:
                 total, server_side = one(*variant)
                 if i:
                     latency[variant].append(total / 1e6)
