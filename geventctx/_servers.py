@@ -26,13 +26,13 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
+from .body_plan import CHUNK
+
 __all__ = ["Source", "SourceTimeout", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
 
 #: The largest read asked of a server input that blocks until it has it all.
 SMALL_READ = 8 * 1024
 
-#: The largest single read from a server's input.
-CHUNK = 64 * 1024
 
 
 class Source:

@@ -1,12 +1,21 @@
 """One request body for any number of readers: a streaming, spooled tee.
 
-The rule: the body is taken off the server's input by one *pump* greenlet
-on the request's hub, one read at a time, only while a consumer waits for
-bytes that have not arrived (or, once the response is written, while
-children that may still read it are alive), into a :class:`~geventctx.spool.Spool`;
-every consumer reads the spool through its own cursor and gets bytes as they
-arrive; how the body ended — complete, or the error that stopped it — is the
-same for every consumer.
+The rule: the body is taken off the server's input one read at a time,
+only while a consumer waits for bytes that have not arrived (or, once the
+response is written, while children that may still read it are alive),
+into a :class:`~geventctx.spool.Spool`; every consumer reads the spool
+through its own cursor and gets bytes as they arrive; how the body ended —
+complete, or the error that stopped it — is the same for every consumer.
+The spool keeps only what somebody may still read: a parse whose result is
+cached (a form) that alone reads the body takes it straight off the input
+and the spool keeps none of it (G5: one consumer, no copy).
+
+Three parts, each with one job: :mod:`geventctx.body_plan` decides (what to
+read next, what a read or a timeout means, what may be dropped), with no
+I/O; :mod:`geventctx.body_input` moves bytes off the server's input (a
+reader reading for itself, or a *pump* greenlet reading for the others);
+:mod:`geventctx.spool` keeps them. This module puts them together: waits,
+reads at each reader's position, and the end of the response.
 
 What follows from it:
 
@@ -16,7 +25,9 @@ What follows from it:
   bytes, never for the whole body; ``get_data()`` waits for the end.
 - The pump is never interrupted by a reader: a reader killed while it waits
   just stops waiting, the body stays intact for everyone else, and the
-  server finds its input in step.
+  server finds its input in step. (A lone form parse interrupted midway is
+  the one exception: nobody kept what it read, so every later consumer
+  gets :class:`~geventctx.BodyReadError`.)
 - A read that makes no progress for ``timeout`` seconds fails with
   :class:`~geventctx.BodyTimeout` (408). Any failure once reading started
   leaves the input out of step, so the connection is shut down after the
@@ -46,7 +57,9 @@ that is read costs one greenlet for the pump, two switches per read of up to
 64 KiB, and the spool.
 
 .. versionchanged:: 0.2
-    A streaming tee over a spool, instead of a whole-body buffer under a lock.
+    A streaming tee over a spool, instead of a whole-body buffer under a
+    lock; split into the plan, the input reader and this module; a lone
+    form parse keeps no copy.
 
 .. versionadded:: 0.1
 """
@@ -58,15 +71,14 @@ import sys
 import typing as t
 import weakref
 
-import gevent
-from gevent import Timeout
 from gevent.monkey import get_original
-from greenlet import GreenletExit, getcurrent
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from greenlet import getcurrent
 
 from . import _servers
 from ._wakeup import Changes
-from .errors import BodyReadError, BodyTimeout
+from .body_input import InputReader
+from .body_plan import CHUNK, EVERYTHING, READ_AHEAD, BodyPlan
+from .errors import BodyReadError
 from .spool import DEFAULT_MEMORY_LIMIT, Forgotten, Spool
 
 __all__ = [
@@ -79,6 +91,8 @@ __all__ = [
     "ENVIRON_BODY",
     "DEFAULT_TIMEOUT",
     "DEFAULT_MEMORY_LIMIT",
+    "CHUNK",
+    "READ_AHEAD",
 ]
 
 #: Where the shared body of a request is kept in its WSGI environ.
@@ -92,21 +106,7 @@ BODY_MODES = ("tee", "lock", "buffer", "off")
 #: Seconds a body read may go without a byte arriving.
 DEFAULT_TIMEOUT = 30.0
 
-#: The largest single read from the server's input (Werkzeug's form parser
-#: reads in pieces of this size too).
-CHUNK = _servers.CHUNK
-
-#: How far the pump reads ahead of the furthest reader, where a read that
-#: waits can be interrupted without loss (gevent.pywsgi): readers then find
-#: their bytes there instead of restarting the pump for each piece.
-READ_AHEAD = 1024 * 1024
-
-_EVERYTHING = sys.maxsize
-
 _allocate_lock = get_original("_thread", "allocate_lock")
-
-#: ``SharedBody._pump`` while a reader reads the input itself (not a greenlet).
-_INLINE = object()
 
 
 def reader_key() -> t.Any:
@@ -115,10 +115,6 @@ def reader_key() -> t.Any:
     greenlet runs task after task)."""
     current = getcurrent()
     return getattr(current, "geventctx_reader", None) or current
-
-
-class _QuietStop(Exception):
-    """The pump stops reading ahead: nobody waits and nothing was lost."""
 
 
 class Readable(t.Protocol):
@@ -155,7 +151,7 @@ class _Reader(_Readable):
 
     def read(self, size: int | None = -1) -> bytes:
         position = self._at()
-        data = self._body._read_at(position, size)
+        data = self._body.read_at(position, size)
         self._move(position + len(data))
         return data
 
@@ -171,7 +167,11 @@ class SharedBody(_Reader):
 
     As a file (``wsgi.input``, Werkzeug's ``stream``) each greenlet reads
     through its own position; :meth:`cursor` makes an independent reader
-    (for a parser) and :meth:`read_whole` returns the complete body.
+    (for a parser) and :meth:`read_whole` returns the complete body. It puts
+    three parts together: the :class:`~geventctx.body_plan.BodyPlan` (what
+    is decided), the :class:`~geventctx.body_input.InputReader` (what moves
+    bytes off the server's input) and the :class:`~geventctx.spool.Spool`
+    (what keeps them); itself, it waits, and serves reads at positions.
 
     :param raw: the server's input, or ``None`` for a request without a body.
     :param length: the ``Content-Length``, if known.
@@ -203,32 +203,16 @@ class SharedBody(_Reader):
     ) -> None:
         super().__init__()
         self.raw = raw
-        self._source = _servers.source_for(raw) if raw is not None else None
         self.length = length
         self.timeout = timeout
-        self._environ = environ if environ is not None else {}
+        self._spool = spool = Spool(memory_limit, directory)
+        self._plan = plan = BodyPlan(length, timeout)
+        #: Wakes the body's waiters (readers, a form's or JSON's waiters in
+        #: :mod:`geventctx.request`), in any thread.
+        self.changes = Changes(owner)
+        self._input = InputReader(raw, spool, plan, self.changes, environ if environ is not None else {})
         #: True once end_response() finished (the connection was settled).
         self._responded = False
-        self._spool = Spool(memory_limit, directory)
-        self._changes = Changes(owner)
-        #: Largest body allowed, asked at the first read (MAX_CONTENT_LENGTH).
-        self._limits: list[t.Callable[[], int | None]] = []
-        self._max: int | None = None
-        self._opened = False
-        self._pump: t.Any = None
-        #: End offsets that waiting readers need (``_EVERYTHING`` for all).
-        self._targets: list[int] = []
-        #: Where reading ahead stops (see READ_AHEAD).
-        self._ahead = 0
-        self._capturing = False
-        #: True once the server's input was left out of step (a read cut
-        #: short): the connection must not be reused.
-        self.broken = False
-        self._cursor_map: weakref.WeakKeyDictionary[t.Any, int] | None = None
-        #: How many wait for nobody to read the input (:meth:`_wait_idle`).
-        self._idle_waiters = 0
-        #: The readers of a form parse in progress (see :meth:`cursor`).
-        self._parses: list[BodyCursor] = []
         #: The request scope that made the body and releases it as the last
         #: step of its teardown (an adapter stacked inside shares it).
         self.owner: t.Any = None
@@ -243,13 +227,12 @@ class SharedBody(_Reader):
         if data is not None:
             # The whole body, read already (a framework's cache): kept as it
             # is, in memory whatever its size (its reader holds it anyway).
-            spool = self._spool
             spool.hold()
             spool.append(data)
             spool.unhold()
             spool.end()
         elif raw is None or length == 0:
-            self._spool.end()
+            spool.end()
 
     # -- state -------------------------------------------------------------
 
@@ -276,200 +259,38 @@ class SharedBody(_Reader):
     @property
     def waiting(self) -> int:
         """How many readers wait for bytes that have not arrived yet."""
-        return len(self._targets)
+        return len(self._plan.targets)
 
     @property
     def reading(self) -> bool:
-        """True while the pump is reading the server's input."""
-        return self._pump is not None
+        """True while somebody reads the server's input."""
+        return self._input.reading is not None
+
+    @property
+    def broken(self) -> bool:
+        """True once the server's input was left out of step (a read cut
+        short): the connection must not be reused."""
+        return self._input.broken
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._input.broken = value
+
+    @property
+    def positions(self) -> weakref.WeakKeyDictionary[t.Any, int]:
+        """Each raw reader's position in the body (:func:`reader_key` -> offset)."""
+        return self._plan.positions
 
     def add_limit(self, max_length: t.Callable[[], int | None]) -> None:
         """Also bound the body by ``max_length()`` (asked at the first read,
         in the reader's context); the smallest of the limits counts."""
-        if self._opened:
-            limit = max_length()
-            if limit is not None and (self._max is None or limit < self._max):
-                self._max = limit
-        else:
-            self._limits.append(max_length)
-
-    # -- the pump: server input -> spool ------------------------------------
-
-    def _start_pump(self) -> None:
-        # Only in the owner hub (a thread schedules this there).
-        if self._pump is None and not self._spool.done:
-            self._pump = gevent.spawn_raw(self._run_pump)
-
-    def _wanted(self) -> int:
-        """How many bytes the next read should ask for; 0: stop reading."""
-        size = self._spool.size
-        pending = [target for target in list(self._targets) if target > size]
-        if pending:
-            wanted = min(min(pending) - size, CHUNK)
-        elif self._capturing or size < self._ahead:
-            wanted = CHUNK
-        else:
-            return 0
-        return self._clip(wanted)
-
-    def _clip(self, wanted: int) -> int:
-        # No read past the announced length, nor more than one byte past the limit.
-        size = self._spool.size
-        if self.length is not None:
-            wanted = min(wanted, self.length - size)
-        elif self._max is not None:
-            wanted = min(wanted, self._max + 1 - size)  # one past: too large
-        return wanted
+        self._plan.add_limit(max_length)
 
     def settle_limits(self) -> None:
         """Ask the limits now (in the request's context), if no read has;
         for a capture after the response, when the context is gone."""
-        if not self._opened:
-            self._open()
-
-    def _open(self) -> None:
-        # At the first read, in the first reader's greenlet: a limit such as
-        # Flask's request.max_content_length needs the request's context.
-        self._opened = True
-        limits, self._limits = self._limits, []
-        known = [limit for limit in (get() for get in limits) if limit is not None]
-        self._max = min(known) if known else None
-        if self.length is not None and self._max is not None and self.length > self._max:
-            # Refused before a byte is read: the input stays in step.
-            self._spool.fail(RequestEntityTooLarge())
-            self._changes.notify()
-
-    def _run_pump(self) -> None:
-        spool = self._spool
-        seconds = self.timeout if self.timeout and self.timeout > 0 else None
-        try:
-            while not spool.done and self._pump_once(self._wanted(), seconds):
-                pass
-        except GreenletExit:
-            # Killed by _abort(): the request itself is going away.
-            self.broken = True
-            spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
-        except BaseException as exc:
-            self._failed(exc)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._pump = None
-            self._changes.notify()
-
-    def _reads_itself(self) -> bool:
-        """The rule for who reads: the greenlet that needs bytes reads them
-        itself when nobody else reads and an interrupted read loses nothing
-        (a lossless source); otherwise the pump does, and it waits."""
-        source = self._source
-        return self._pump is None and source is not None and source.lossless
-
-    def _read_inline(self, target: int, marker: t.Any = _INLINE) -> None:
-        # The pump's work, done by the reader itself while it alone needs
-        # bytes (no pump greenlet, no switch: what arrived with the headers
-        # is read at once). Only for a lossless source, and only up to the
-        # reader's own target, so a reader is never kept waiting for bytes
-        # it did not ask for. A reader interrupted while it waits (killed,
-        # its own gevent.Timeout: a BaseException that is not an Exception)
-        # loses nothing and fails nothing: it just stops, and the next
-        # reader goes on. An Exception from the read is the body's failure,
-        # for every reader, as the pump's would be.
-        spool = self._spool
-        seconds = self.timeout if self.timeout and self.timeout > 0 else None
-        self._pump = marker
-        try:
-            while not (spool.size >= target or spool.done) and self._pump_once(self._wanted(), seconds):
-                pass
-        except Exception as exc:
-            self._failed(exc)
-        finally:
-            self._pump = None
-            if not spool.done and self._others_wait(target):
-                # Another reader (a thread task: it does not re-check at
-                # once) needs more than this one did: the pump goes on.
-                self._start_pump()
-            self._changes.notify()
-
-    def _others_wait(self, own: int) -> bool:
-        """True if a reader other than the one with target ``own`` waits
-        for bytes that have not arrived."""
-        pending = [target for target in self._targets if target > self._spool.size]
-        if own in pending:
-            pending.remove(own)
-        return bool(pending)
-
-    def _pump_once(self, wanted: int, seconds: float | None) -> bool:
-        """One read off the server's input into the spool; ``False``: stop."""
-        return self._take(wanted, seconds) is not None
-
-    def _take(self, wanted: int, seconds: float | None, through: bool = False) -> bytes | None:
-        """One read off the server's input into the spool; ``None``: stop.
-        ``through``: a reader's own read, kept nowhere (:meth:`_read_through`)."""
-        if wanted <= 0:
-            return None
-        try:
-            data = self._read_source(wanted, seconds, through)
-        except _QuietStop:
-            return None
-        return self._taken(data, through)
-
-    def _taken(self, data: bytes, through: bool) -> bytes | None:
-        # What a read off the input brought: counted, kept (unless read
-        # through), and checked against the length and the limit.
-        spool = self._spool
-        if spool.closed:
-            return None
-        if data:
-            if self._max is not None and spool.size + len(data) > self._max:
-                data = data[: self._max + 1 - spool.size]  # keep one byte past it, no more
-            if not (through and spool.skip(len(data))):
-                spool.append(data)
-            if self._max is not None and spool.size > self._max:
-                # Not out of step: the server can discard the rest.
-                raise RequestEntityTooLarge()
-            if spool.size == self.length:
-                spool.end()
-        elif self.length is not None:
-            self.broken = True
-            raise ClientDisconnected(f"the client sent {spool.size} of {self.length} announced body bytes")
-        else:
-            spool.end()
-        self._progress()
-        return data
-
-    def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, RequestEntityTooLarge):
-            self.broken = True  # the server's input failed mid-read
-        self._spool.fail(_servers.translate(exc))
-
-    def _read_source(self, size: int, seconds: float | None, waited: bool = False) -> bytes:
-        source = self._source
-        assert source is not None
-        if seconds is None:
-            return source.read(size)
-        # A new timer per read: a gevent Timeout started again after
-        # cancel() keeps its first deadline (the timeout counts per read).
-        timer = Timeout(seconds)
-        timer.start()
-        try:
-            return source.read(size)
-        except Timeout as exc:
-            if exc is not timer:
-                raise
-            if source.lossless and not (waited or self._targets or self._capturing):
-                # Reading ahead, nobody waiting, nothing lost: just stop.
-                raise _QuietStop() from None
-            self.broken = True
-            raise BodyTimeout(f"the client sent no request body bytes for {timer.seconds:g}s") from None
-        finally:
-            timer.close()
-
-    def _progress(self) -> None:
-        # Wake waiters only when one of them can go on.
-        size = self._spool.size
-        targets = self._targets
-        if self._spool.done or (targets and min(targets) <= size):
-            self._changes.notify()
+        if not self._plan.opened:
+            self._input.open()
 
     # -- waiting for bytes ---------------------------------------------------
 
@@ -477,16 +298,14 @@ class SharedBody(_Reader):
         """Block until ``target`` bytes arrived or the body ended, failed or
         was released. A waiter that is killed just stops waiting."""
         spool = self._spool
-        if not self._opened:
-            self._open()
+        plan = self._plan
+        source = self._input
+        if not plan.opened:
+            source.open()
         if spool.size >= target or spool.done:
             return
-        changes = self._changes
-        targets = self._targets
-        targets.append(target)
-        source = self._source
-        if source is not None and source.lossless and target + READ_AHEAD > self._ahead:
-            self._ahead = _EVERYTHING if target == _EVERYTHING else target + READ_AHEAD
+        changes = self.changes
+        plan.want(target, source.lossless)
         try:
             if changes.in_owner_thread():
                 # Read in this greenlet if nobody else reads (a lossless
@@ -494,30 +313,31 @@ class SharedBody(_Reader):
                 # it stopped (read ahead, then stopped quietly) before this
                 # reader had its bytes.
                 while not (spool.size >= target or spool.done):
-                    if self._reads_itself() and not self._capturing:
-                        self._read_inline(target)
+                    if source.reads_itself() and not plan.capturing:
+                        source.read_inline(target)
                         continue
-                    self._start_pump()
-                    changes.wait(lambda: spool.size >= target or spool.done or self._pump is None)
+                    source.start_pump()
+                    changes.wait(lambda: spool.size >= target or spool.done or source.reading is None)
             else:
                 # A ThreadPool task: the request's own hub reads the socket;
                 # asked again now and then, in case its pump stopped.
                 while not (spool.size >= target or spool.done):
-                    changes.hub.loop.run_callback_threadsafe(self._start_pump)
+                    changes.hub.loop.run_callback_threadsafe(source.start_pump)
                     changes.wait(lambda: spool.size >= target or spool.done, timeout=1.0)
         finally:
-            targets.remove(target)
+            plan.got(target)
 
-    def _gone(self) -> BodyReadError:
+    # -- reads at a position -------------------------------------------------
+
+    def _gone(self, error: Exception) -> BaseException:
+        if isinstance(error, Forgotten):
+            return self._spool.error or BodyReadError(
+                f"the request body could not be read from where this reader starts: {error}; the only reader "
+                "that needed them, a form parse, was interrupted before its end"
+            )
         return BodyReadError("the request has ended: its body was released")
 
-    def _not_kept(self, error: Forgotten) -> BaseException:
-        return self._spool.error or BodyReadError(
-            f"the request body could not be read from where this reader starts: {error}; the only reader "
-            "that needed them, a form parse, was interrupted before its end"
-        )
-
-    def _read_at(self, position: int, size: int | None) -> bytes:
+    def read_at(self, position: int, size: int | None) -> bytes:
         """Bytes at ``position``: ``size`` of them (fewer only at the end),
         or all the rest (``size`` < 0) once the body is complete."""
         spool = self._spool
@@ -528,10 +348,8 @@ class SharedBody(_Reader):
         self._wait_for(position + size)
         try:
             data = spool.read(position, size)
-        except Forgotten as exc:
-            raise self._not_kept(exc) from None
-        except ValueError:
-            raise self._gone() from None
+        except (ValueError, Forgotten) as exc:
+            raise self._gone(exc) from None
         if len(data) < size and spool.error is not None:
             # Short only because the body failed: the error, never a
             # silently short read (read(content_length) is a common idiom).
@@ -544,22 +362,20 @@ class SharedBody(_Reader):
         spool = self._spool
         held = position == 0 and spool.hold()
         try:
-            self._wait_for(_EVERYTHING)
+            self._wait_for(EVERYTHING)
             if spool.error is not None:
                 raise spool.error  # never a silently short body
             try:
                 return spool.whole() if position == 0 else spool.read(position, -1)
-            except Forgotten as exc:
-                raise self._not_kept(exc) from None
-            except ValueError:
-                raise self._gone() from None
+            except (ValueError, Forgotten) as exc:
+                raise self._gone(exc) from None
         finally:
             if held:
                 spool.unhold()
 
     def _readline_at(self, position: int, size: int | None) -> bytes:
         spool = self._spool
-        limit = _EVERYTHING if size is None or size < 0 else position + size
+        limit = EVERYTHING if size is None or size < 0 else position + size
         scanned = position
         try:
             while True:
@@ -573,10 +389,8 @@ class SharedBody(_Reader):
                 scanned = spool.size
                 self._wait_for(spool.size + 1)
             data = spool.read(position, end - position)
-        except Forgotten as exc:
-            raise self._not_kept(exc) from None
-        except ValueError:
-            raise self._gone() from None
+        except (ValueError, Forgotten) as exc:
+            raise self._gone(exc) from None
         if spool.error is not None and not data.endswith(b"\n") and position + len(data) < limit:
             raise spool.error  # a line cut short by the failure: the error
         return data
@@ -584,7 +398,7 @@ class SharedBody(_Reader):
     def read_whole(self) -> bytes:
         """The complete body (waits for it), or the error that stopped it."""
         self._check_whole()
-        return self._read_at(0, -1)
+        return self.read_at(0, -1)
 
     def _check_whole(self) -> None:
         partial = self.partial_reader
@@ -595,13 +409,16 @@ class SharedBody(_Reader):
                 "parse it, before handing off; or pass the part read to the child)"
             )
 
+    # -- parsers' readers ------------------------------------------------------
+
     def cursor(self, start: int = 0, *, parse: bool = False) -> BodyCursor:
         """A reader of its own, from ``start`` (for a parser).
 
         With ``parse``, the reader of a parse whose result is cached, which
         nobody else reads raw while it runs (a Werkzeug form parse: raw
-        readers wait for it, then start where it ended): the bytes behind
-        it are freed as it reads unless another reader is behind it (G5: a
+        readers wait for it, then start where it ended): alone, it reads
+        straight off the server's input, keeping nothing; the bytes behind
+        it that another reader still needs are kept, the rest freed (G5: a
         single consumer keeps no copy). End it with :meth:`parse_ended`.
         """
         self._check_whole()
@@ -609,105 +426,32 @@ class SharedBody(_Reader):
         cursor._position = start
         if parse:
             cursor.parse = True
-            self._parses.append(cursor)
+            self._plan.parses[cursor] = start
         return cursor
 
     def parse_ended(self, cursor: BodyCursor) -> None:
         """The parse reading through ``cursor`` ended, however it ended."""
-        if cursor in self._parses:
-            self._parses.remove(cursor)
+        self._plan.parses.pop(cursor, None)
+
+    def _parse_moved(self, cursor: BodyCursor, position: int) -> None:
+        plan = self._plan
+        plan.parses[cursor] = position
+        self._spool.forget(plan.keep_from())
 
     def _read_through(self, cursor: BodyCursor, size: int) -> bytes | None:
-        """A parse's read straight off the server's input, kept nowhere:
-        what it reads when it alone reads the body (G5: one consumer makes
-        no copy). Up to ``size`` bytes (fewer as they arrive), or ``None``
-        when the bytes must go through the spool: someone else reads the
-        source or waits for bytes, or another reader's position is behind
-        the end, or the bytes there are the only copy of the end of the
-        body to come."""
+        """A parse's read straight off the input, if the plan allows it
+        (else ``None``: read through the spool)."""
         spool = self._spool
-        position = cursor._position
-        if (
-            position != spool.size
-            or spool.done
-            or self._targets
-            or self._capturing
-            or not self._reads_itself()
-            or len(self._parses) != 1
-            or (self._cursor_map and min(self._cursor_map.values()) < position)
-        ):
+        source = self._input
+        if spool.done or not source.reads_itself() or not self._plan.may_read_through(cursor._position, spool.size):
             return None
-        if not self._opened:
-            self._open()
+        if not self._plan.opened:
+            source.open()
             if spool.done:
                 return None
-        seconds = self.timeout if self.timeout and self.timeout > 0 else None
-        self._pump = _INLINE
-        data: bytes | None = None
-        try:
-            # ``size`` bytes, as a buffered reader gives them (a parser's work
-            # grows with the number of pieces it gets), fewer only at the end.
-            data = self._read_exactly(self._clip(size), seconds)
-        except Exception as exc:
-            self._failed(exc)
-        except BaseException:
-            # Interrupted (killed, the reader's own timeout): what the read
-            # took is gone with it, and nobody kept what came before.
-            self.broken = True
-            spool.fail(BodyReadError("reading the request body was interrupted: the form parse reading it was stopped"))
-            raise
-        finally:
-            self._pump = None
-            if self._targets or self._idle_waiters:
-                # Someone came while it read: the pump serves a reader, and
-                # a waiter for the input to be idle looks again. (Nobody
-                # else is woken per read: a greenlet waiting for the parse's
-                # result sleeps until the parse ends.)
-                if not spool.done and self._targets:
-                    self._start_pump()
-                self._changes.notify()
-        if data is None and spool.error is not None:
-            raise spool.error
-        return data
-
-    def _read_exactly(self, size: int, seconds: float | None) -> bytes | None:
-        source = self._source
-        assert source is not None
-        try:
-            whole = source.read_exactly(size, seconds)
-        except _servers.SourceTimeout:
-            self.broken = True
-            raise BodyTimeout(f"the client sent no request body bytes for {seconds:g}s") from None
-        if whole is not None:
-            return self._taken(whole, through=True)
-        pieces: list[bytes] = []
-        got = 0
-        while got < size and not self._spool.done:
-            piece = self._take(self._clip(size - got), seconds, through=True)
-            if not piece:
-                break
-            pieces.append(piece)
-            got += len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _forget(self) -> None:
-        # While a parse runs, a new raw reader waits for it and starts where
-        # it ended (if it was interrupted: BodyReadError), so only readers
-        # that already have a position need bytes behind the parse.
-        positions = [cursor._position for cursor in self._parses]
-        if self._cursor_map:
-            positions.extend(self._cursor_map.values())
-        self._spool.forget(min(positions))
+        return source.read_through(size)
 
     # -- file-like, one position per greenlet --------------------------------
-
-    @property
-    def _cursors(self) -> weakref.WeakKeyDictionary[t.Any, int]:
-        # Made on first use: most requests never read the stream directly.
-        cursors = self._cursor_map
-        if cursors is None:
-            cursors = self._cursor_map = weakref.WeakKeyDictionary()
-        return cursors
 
     @property
     def _body(self) -> SharedBody:  # type: ignore[override]
@@ -716,10 +460,10 @@ class SharedBody(_Reader):
     def _at(self) -> int:
         if self.partial_reader is not None:
             self._check_whole()
-        return self._cursors.get(reader_key(), 0)
+        return self._plan.positions.get(reader_key(), 0)
 
     def _move(self, position: int) -> None:
-        self._cursors[reader_key()] = position
+        self._plan.positions[reader_key()] = position
 
     def close(self) -> None:
         """Does nothing: the body belongs to the request, not to one reader
@@ -735,97 +479,62 @@ class SharedBody(_Reader):
         """The response has been written (or the request is being killed).
 
         With ``children`` alive, capture the rest of the body for them; then
-        wait until the pump is idle (its reads are bounded by the timeout), so
-        that the server finds its input in step — or shut the connection
-        down if it is not. Interrupted, it stops the pump and closes the
-        connection: no greenlet keeps reading.
+        wait until nobody reads the input (its reads are bounded by the
+        timeout), so that the server finds its input in step — or shut the
+        connection down if it is not. Interrupted, it stops the reader and
+        closes the connection: no greenlet keeps reading.
         """
+        spool = self._spool
+        plan = self._plan
+        source = self._input
         _servers.response_started(self.raw)
         try:
             if killed:
-                self._abort()
-                if not self._spool.ended and self._spool.error is None:
+                source.abort()
+                if not spool.ended and spool.error is None:
                     # Not read to its end (released by teardown already, or
                     # not): the input is out of step, and nobody may read
                     # the rest later from a drained input.
-                    self.broken = True
-                    if not self._spool.done:
-                        self._spool.fail(BodyReadError("the request was stopped before its body was read"))
-                        self._changes.notify()
+                    source.broken = True
+                    if not spool.done:
+                        spool.fail(BodyReadError("the request was stopped before its body was read"))
+                        self.changes.notify()
                 return
-            if children and not self._spool.done:
-                if not self._opened:
-                    self._open()  # the capture obeys the body's limits too
-                self._capturing = True
+            if children and not spool.done:
+                if not plan.opened:
+                    source.open()  # the capture obeys the body's limits too
+                plan.capturing = True
                 # Again if a reader was reading inline: it stops at its own
                 # target, the capture goes on to the end.
-                while self._capturing and not self._spool.done:
-                    if self._reads_itself():
+                while plan.capturing and not spool.done:
+                    if source.reads_itself():
                         # As the pump: release() stops it quietly once no
                         # child is left to read (a hub callback throws).
-                        self._read_inline(_EVERYTHING, getcurrent())
+                        source.read_inline(EVERYTHING, getcurrent())
                         continue
-                    self._start_pump()
-                    self._wait_idle(None)
+                    source.start_pump()
+                    source.wait_idle(None)
             else:
                 # Nobody reads on: a read in flight ends within the timeout
                 # (or is stopped without loss); else the connection closes.
-                self._stop_reading_ahead()
-                bound = self.timeout if self.timeout and self.timeout > 0 else DEFAULT_TIMEOUT
-                if not self._wait_idle(bound):
-                    self._abort()
+                source.stop_reading_ahead()
+                bound = plan.seconds or DEFAULT_TIMEOUT
+                if not source.wait_idle(bound):
+                    source.abort()
         except BaseException:
-            self._abort()
-            if self._capturing and not self._spool.done:
+            source.abort()
+            if plan.capturing and not spool.done:
                 # The capture was cut short (its reader was this greenlet):
                 # nobody may read the rest later from a drained input.
-                self.broken = True
-                self._spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
-                self._changes.notify()
+                source.broken = True
+                spool.fail(BodyReadError("reading the request body was interrupted: the request was stopped"))
+                self.changes.notify()
             raise
         finally:
-            self._capturing = False
-            if self.broken:
-                _servers.close_connection(self._environ, self.raw)
+            plan.capturing = False
+            source.close_if_broken()
             self._responded = True
             self._forget_environ()
-
-    def _stop_reading_ahead(self) -> None:
-        # Nobody will read on: the server discards the rest itself. A read
-        # ahead that waits can be stopped without loss.
-        self._ahead = 0
-        source = self._source
-        if self._pump not in (None, _INLINE) and source is not None and source.lossless:
-            self._changes.hub.loop.run_callback(self._stop_pump, self._pump, _QuietStop, True)
-
-    def _stop_pump(self, pump: t.Any, error: type[BaseException], only_if_idle: bool) -> None:
-        # A hub callback, so it checks what it finds when it runs, not when
-        # it was scheduled: the same pump, still alive (a throw into a dead
-        # greenlet fails in the hub), and for a quiet stop nobody waiting.
-        if self._pump is pump and not pump.dead and not (only_if_idle and self._targets):
-            pump.throw(error)
-
-    def _abort(self) -> None:
-        pump = self._pump
-        if pump is None:
-            return
-        self.broken = True
-        if pump is _INLINE:
-            # A reader reading inline is not killed (it may be a child that
-            # lives on): the connection's reading side is shut instead, so
-            # its read ends at once (the body fails for every reader).
-            _servers.shut_reading(self._environ, self.raw)
-        else:
-            self._changes.hub.loop.run_callback(self._stop_pump, pump, GreenletExit, False)
-        self._wait_idle(1.0)
-
-    def _wait_idle(self, timeout: float | None) -> bool:
-        # Until nobody reads the server's input; False if ``timeout`` passed.
-        self._idle_waiters += 1
-        try:
-            return self._changes.wait(lambda: self._pump is None, timeout=timeout)
-        finally:
-            self._idle_waiters -= 1
 
     def release(self) -> None:
         """The request's scope has ended: free the spool (memory and file).
@@ -833,10 +542,10 @@ class SharedBody(_Reader):
         Readers that come later get :class:`~geventctx.BodyReadError`; a read
         in flight finishes (so the input stays in step) and is dropped.
         """
-        self._capturing = False
+        self._plan.capturing = False
         self._spool.close()
-        self._stop_reading_ahead()  # nobody can want the bytes any more
-        self._changes.notify()
+        self._input.stop_reading_ahead()  # nobody can want the bytes any more
+        self.changes.notify()
         self._forget_environ()
 
     def _forget_environ(self) -> None:
@@ -844,7 +553,7 @@ class SharedBody(_Reader):
         # no more: dropping it breaks the environ <-> body reference cycle,
         # so the request is freed at once, not by the garbage collector.
         if self._responded and self._spool.closed:
-            self._environ = {}
+            self._input.environ = {}
             self.owner = None
 
     def __repr__(self) -> str:
@@ -857,7 +566,7 @@ class SharedBody(_Reader):
             else f"failed {spool.error!r}"
             if spool.error
             else "reading"
-            if self._pump is not None
+            if self.reading
             else "waiting"
         )
         return f"<SharedBody {state} {spool.size}/{self.length if self.length is not None else '?'} bytes>"
@@ -876,11 +585,10 @@ class BodyCursor(_Reader):
 
     def read(self, size: int | None = -1) -> bytes:
         if self.parse and size is not None and size > 0:
-            # A parser takes what arrived (fewer bytes than asked, as from a
-            # socket), straight off the input when it alone reads.
+            # A parse that alone reads takes its bytes straight off the input.
             data = self._body._read_through(self, size)
             if data is not None:
-                self._position += len(data)
+                self._move(self._position + len(data))
                 return data
         return super().read(size)
 
@@ -890,7 +598,7 @@ class BodyCursor(_Reader):
     def _move(self, position: int) -> None:
         self._position = position
         if self.parse:
-            self._body._forget()
+            self._body._parse_moved(self, position)
 
     def tell(self) -> int:
         return self._position

@@ -98,18 +98,18 @@ class RequestStream(_Reader, LimitedStream):
         if body.partial_reader is not None:
             body._check_whole()
         key = reader_key()
-        at: int | None = body._cursors.get(key)
+        at: int | None = body.positions.get(key)
         if at is not None:
             return at
         if self.consumers and key not in self.consumers:
-            body._changes.wait(lambda: not self.consumers)  # a parse runs: what it leaves
+            body.changes.wait(lambda: not self.consumers)  # a parse runs: what it leaves
         return self.consumed_at or 0
 
     def consumed(self, key: t.Any, position: int) -> None:
         """A consumer Werkzeug does not cache read the body up to ``position``."""
         if self.consumed_at is None or position > self.consumed_at:
             self.consumed_at = position
-        cursors = self.body._cursors
+        cursors = self.body.positions
         if key in cursors and cursors[key] < position:
             cursors[key] = position
 
@@ -126,7 +126,7 @@ class RequestStream(_Reader, LimitedStream):
     def _move(self, position: int) -> None:
         body = self.body
         key = reader_key()
-        body._cursors[key] = position
+        body.positions[key] = position
         if body.loaded and position >= body.received:
             self.consumed(key, position)  # read to its end: consumed, as Werkzeug's stream
 
@@ -219,7 +219,7 @@ class SharedBodyRequest:
                 # Only the whole body is cached (what a form parse then
                 # reads): what is left after a consumer is not the body.
                 start = view.position()
-                data = body._read_at(start, -1)
+                data = body.read_at(start, -1)
                 if start == 0:
                     self._cached_data = data
             else:
@@ -243,13 +243,13 @@ class SharedBodyRequest:
                 if other is None:
                     state["_geventctx_json"] = mark
                     break
-            body._changes.wait(lambda other=other: state.get("_geventctx_json") is not other)  # type: ignore[misc]
+            body.changes.wait(lambda other=other: state.get("_geventctx_json") is not other)  # type: ignore[misc]
         try:
             return super().get_json(force, silent, cache)  # type: ignore[misc]
         finally:
             if state.get("_geventctx_json") is mark:
                 del state["_geventctx_json"]
-                body._changes.notify()
+                body.changes.notify()
 
     def _get_stream_for_parsing(self) -> t.IO[bytes]:
         body = self.shared_body()
@@ -261,7 +261,7 @@ class SharedBodyRequest:
         # The parser's own reader, from where this greenlet read the stream
         # to (as Werkzeug's parser reads its one stream), else from the first
         # byte: a form is cached, so it is what one consumer alone would get.
-        start = body._cursors.get(reader_key(), 0)
+        start = body.positions.get(reader_key(), 0)
         cursor = body.cursor(start, parse=True)
         self.__dict__["_geventctx_parser"] = (cursor, start)
         return t.cast(t.IO[bytes], cursor)
@@ -299,7 +299,7 @@ class SharedBodyRequest:
             if isinstance(other, BaseException):
                 raise other  # the first parse's error, for everyone
             # Another greenlet or thread parses: wait for its result.
-            body._changes.wait(_form_settled(state, other))
+            body.changes.wait(_form_settled(state, other))
         view = self._body_stream(body)
         view.consumers.append(key := reader_key())
         try:
@@ -325,7 +325,7 @@ class SharedBodyRequest:
             if parsed is not None:
                 body.parse_ended(parsed[0])
             view.consumers.remove(key)
-            body._changes.notify()
+            body.changes.notify()
 
 
 def _form_settled(state: dict[str, t.Any], mark: object) -> t.Callable[[], bool]:

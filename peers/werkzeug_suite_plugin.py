@@ -95,11 +95,13 @@ if APPLY:
     FormDataParser.parse_from_environ = _parse_from_environ_sharing  # type: ignore[method-assign]
 
     # Every reader of a shared body (the body as a file, a BodyCursor) reads
-    # through these two.
-    _original_read_at = SharedBody._read_at
+    # through these: at a position, by line, or (a lone form parse)
+    # straight off the input.
+    _original_read_at = SharedBody.read_at
     _original_readline_at = SharedBody._readline_at
+    _original_read_through = SharedBody._read_through
 
-    def _read_at(self: SharedBody, position: int, size: int | None) -> bytes:
+    def read_at(self: SharedBody, position: int, size: int | None) -> bytes:
         _counts["reads"] += 1
         return _original_read_at(self, position, size)
 
@@ -107,8 +109,15 @@ if APPLY:
         _counts["reads"] += 1
         return _original_readline_at(self, position, size)
 
-    SharedBody._read_at = _read_at  # type: ignore[method-assign]
+    def _read_through(self: SharedBody, cursor: t.Any, size: int) -> bytes | None:
+        data = _original_read_through(self, cursor, size)
+        if data is not None:
+            _counts["reads"] += 1
+        return data
+
+    SharedBody.read_at = read_at  # type: ignore[method-assign]
     SharedBody._readline_at = _readline_at  # type: ignore[method-assign]
+    SharedBody._read_through = _read_through  # type: ignore[method-assign]
 
 
 @pytest.hookimpl(wrapper=True)
