@@ -443,7 +443,12 @@ class SharedBody(_Reader):
         (else ``None``: read through the spool)."""
         spool = self._spool
         source = self._input
-        if spool.done or not source.reads_itself() or not self._plan.may_read_through(cursor._position, spool.size):
+        if (
+            spool.done
+            or not source.reads_itself()
+            or not self._plan.may_read_through(cursor._position, spool.size)
+            or not self.changes.in_owner_thread()  # a thread task: the request's hub reads its socket
+        ):
             return None
         if not self._plan.opened:
             source.open()

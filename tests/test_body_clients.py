@@ -1424,3 +1424,34 @@ def test_a_stalled_client_times_out_a_form_parse_read_straight_off_the_socket(se
         client.close()
     mine, child = notes.results["mine"], notes.results["child"]
     assert isinstance(mine, BodyTimeout) and child is mine
+
+
+def test_a_form_parsed_alone_in_a_thread_task_is_read_by_the_request_hub(serve):
+    # A ThreadPool task that alone parses the form must not read the
+    # connection's socket from its thread (it belongs to the request's hub):
+    # its bytes come through the pump, as any thread task's do.
+    pool = geventctx.ThreadPool(2)
+    notes = Notes()
+    app, _ = flask_app()
+
+    def parse() -> t.Any:
+        try:
+            return (request.form["title"], sha(request.files["upload"].read()))
+        except Exception as exc:
+            return exc
+
+    @app.post("/thread")
+    def thread() -> str:
+        notes.results["task"] = pool.spawn(parse).get(timeout=WAIT)
+        return "ok"
+
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+    try:
+        response = serve(app).request(
+            "POST", "/thread", headers={"Content-Type": content_type}, body=body, piece=512 * 1024, delay=0.01,
+            timeout=WAIT * 2,
+        )
+    finally:
+        pool.kill()
+    assert response is not None and response.status == 200, response
+    assert notes.results["task"] == ("report", sha(UPLOAD))
