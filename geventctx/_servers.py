@@ -74,9 +74,13 @@ class _PywsgiLength(Source):
 
     lossless = True
 
+    _sock: t.Any = False  # the connection's gevent socket, looked up once
+
     def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
         raw = self.raw
-        sock = getattr(getattr(raw.rfile, "raw", None), "_sock", None)
+        sock = self._sock
+        if sock is False:
+            sock = self._sock = getattr(getattr(raw.rfile, "raw", None), "_sock", None)
         if sock is None:
             return None
         before = sock.timeout

@@ -281,6 +281,10 @@ class SharedBody(_Reader):
         """Each raw reader's position in the body (:func:`reader_key` -> offset)."""
         return self._plan.positions
 
+    def position_of(self, key: t.Any) -> int | None:
+        """The position of reader ``key`` (:func:`reader_key`), or ``None``."""
+        return self._plan.position_of(key)
+
     def add_limit(self, max_length: t.Callable[[], int | None]) -> None:
         """Also bound the body by ``max_length()`` (asked at the first read,
         in the reader's context); the smallest of the limits counts."""
@@ -444,8 +448,9 @@ class SharedBody(_Reader):
         spool = self._spool
         source = self._input
         if (
-            spool.done
-            or not source.reads_itself()
+            source.reading is not None  # somebody else reads
+            or not source.lossless
+            or spool.done
             or not self._plan.may_read_through(cursor._position, spool.size)
             or not self.changes.in_owner_thread()  # a thread task: the request's hub reads its socket
         ):
@@ -465,7 +470,7 @@ class SharedBody(_Reader):
     def _at(self) -> int:
         if self.partial_reader is not None:
             self._check_whole()
-        return self._plan.positions.get(reader_key(), 0)
+        return self._plan.position_of(reader_key()) or 0
 
     def _move(self, position: int) -> None:
         self._plan.positions[reader_key()] = position
@@ -591,9 +596,11 @@ class BodyCursor(_Reader):
     def read(self, size: int | None = -1) -> bytes:
         if self.parse and size is not None and size > 0:
             # A parse that alone reads takes its bytes straight off the input.
-            data = self._body._read_through(self, size)
+            body = self._body
+            data = body._read_through(self, size)
             if data is not None:
-                self._move(self._position + len(data))
+                # Kept nowhere: nothing for the spool to forget.
+                self._position = body._plan.parses[self] = self._position + len(data)
                 return data
         return super().read(size)
 

@@ -48,13 +48,17 @@ class InputReader:
         input was left out of step.
     """
 
-    __slots__ = ("raw", "source", "spool", "plan", "changes", "environ", "reading", "broken", "idle_waiters")
+    __slots__ = (
+        "raw", "source", "lossless", "spool", "plan", "changes", "environ", "reading", "broken", "idle_waiters"
+    )
 
     def __init__(
         self, raw: t.Any, spool: Spool, plan: BodyPlan, changes: Changes, environ: dict[str, t.Any]
     ) -> None:
         self.raw = raw
         self.source = _servers.source_for(raw) if raw is not None else None
+        #: True if a read interrupted while it waits loses nothing.
+        self.lossless: bool = self.source is not None and self.source.lossless
         self.spool = spool
         self.plan = plan
         self.changes = changes
@@ -66,11 +70,6 @@ class InputReader:
         self.broken = False
         #: How many wait for nobody to read the input (:meth:`wait_idle`).
         self.idle_waiters = 0
-
-    @property
-    def lossless(self) -> bool:
-        """True if a read interrupted while it waits loses nothing."""
-        return self.source is not None and self.source.lossless
 
     def open(self) -> None:
         """Ask the limits (at the first read); a body announced over the
@@ -145,10 +144,18 @@ class InputReader:
         through the spool instead."""
         spool = self.spool
         plan = self.plan
+        source = self.source
+        assert source is not None
         self.reading = INLINE
         data: bytes | None = None
         try:
-            data = self._read_exactly(plan.clip(spool.size, size))
+            size = plan.clip(spool.size, size)
+            try:
+                whole = source.read_exactly(size, plan.seconds)
+            except _servers.SourceTimeout:
+                self.broken = True
+                raise BodyTimeout(f"the client sent no request body bytes for {plan.seconds:g}s") from None
+            data = self._taken(whole, through=True) if whole is not None else self._read_pieces(size)
         except Exception as exc:
             self.failed(exc)
         except BaseException:
@@ -171,17 +178,8 @@ class InputReader:
             raise spool.error
         return data
 
-    def _read_exactly(self, size: int) -> bytes | None:
-        source = self.source
-        assert source is not None
-        seconds = self.plan.seconds
-        try:
-            whole = source.read_exactly(size, seconds)
-        except _servers.SourceTimeout:
-            self.broken = True
-            raise BodyTimeout(f"the client sent no request body bytes for {seconds:g}s") from None
-        if whole is not None:
-            return self._taken(whole, through=True)
+    def _read_pieces(self, size: int) -> bytes:
+        # An input without read_exactly: piece by piece, each read bounded.
         pieces: list[bytes] = []
         got = 0
         while got < size and not self.spool.done:
@@ -223,7 +221,8 @@ class InputReader:
             raise ClientDisconnected(f"the client sent {spool.size} of {self.plan.length} announced body bytes")
         if verdict is Verdict.END:
             spool.end()
-        if self.plan.wakes(spool.size, spool.done):
+            self.changes.notify()
+        elif self.plan.targets and self.plan.wakes(spool.size):
             self.changes.notify()
         return data
 

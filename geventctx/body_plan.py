@@ -156,9 +156,9 @@ class BodyPlan:
             pending.remove(own)
         return bool(pending)
 
-    def wakes(self, size: int, done: bool) -> bool:
-        """True if a waiter can go on, ``size`` bytes having arrived."""
-        return done or (bool(self.targets) and min(self.targets) <= size)
+    def wakes(self, size: int) -> bool:
+        """True if a waiter for bytes can go on, ``size`` bytes having arrived."""
+        return bool(self.targets) and min(self.targets) <= size
 
     # -- what a read brought ---------------------------------------------------
 
@@ -190,6 +190,11 @@ class BodyPlan:
         if positions is None:
             positions = self._positions = weakref.WeakKeyDictionary()
         return positions
+
+    def position_of(self, key: t.Any) -> int | None:
+        """The position of reader ``key``, or ``None`` if it has none."""
+        positions = self._positions
+        return None if positions is None else positions.get(key)
 
     def keep_from(self) -> int:
         """The first byte somebody may still read while a parse runs.

@@ -98,7 +98,7 @@ class RequestStream(_Reader, LimitedStream):
         if body.partial_reader is not None:
             body._check_whole()
         key = reader_key()
-        at: int | None = body.positions.get(key)
+        at = body.position_of(key)
         if at is not None:
             return at
         if self.consumers and key not in self.consumers:
@@ -261,7 +261,7 @@ class SharedBodyRequest:
         # The parser's own reader, from where this greenlet read the stream
         # to (as Werkzeug's parser reads its one stream), else from the first
         # byte: a form is cached, so it is what one consumer alone would get.
-        start = body.positions.get(reader_key(), 0)
+        start = body.position_of(reader_key()) or 0
         cursor = body.cursor(start, parse=True)
         self.__dict__["_geventctx_parser"] = (cursor, start)
         return t.cast(t.IO[bytes], cursor)

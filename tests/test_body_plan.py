@@ -168,4 +168,7 @@ def test_who_else_waits_and_when_waiters_wake():
     assert not plan.others_wait(10, 0)
     plan.want(20, lossless=False)
     assert plan.others_wait(10, 0) and not plan.others_wait(10, 20)
-    assert not plan.wakes(5, done=False) and plan.wakes(10, done=False) and plan.wakes(0, done=True)
+    assert not plan.wakes(5) and plan.wakes(10)
+    plan.got(10)
+    plan.got(20)
+    assert not plan.wakes(10**9)  # nobody waits
