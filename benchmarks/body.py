@@ -1,11 +1,12 @@
 """P3: parsing a 20 MB upload through the body tee vs Werkzeug's own reading.
 
 Two Flask apps, identical but for ``GEVENTCTX_BODY``: ``"tee"`` (the
-default: a :class:`geventctx.body.SharedBody` whose pump greenlet reads the
-socket once, in pieces of up to 64 KiB as readers ask, into a spool — 1 MiB
-in memory, the rest in an unnamed temporary file — and every consumer, the
-form parser included, reads the spool through its own cursor) and ``"off"``
-(Werkzeug streams and parses the socket itself). Both have
+default: once a request hands off, a :class:`geventctx.body.SharedBody`
+reads the socket once, as readers ask, into a spool — 1 MiB in memory, the
+rest in an unnamed temporary file — which keeps only what somebody may
+still read: a form parse that alone reads the body takes it straight off
+the socket; a request that never hands off is Werkzeug's alone) and
+``"off"`` (Werkzeug streams and parses the socket itself). Both have
 :class:`GeventContext`, so the only difference is the tee. Each is served by
 its own ``gevent.pywsgi`` server on 127.0.0.1 in this process; a
 gevent-socket client greenlet sends each request as fast as the socket takes
@@ -15,10 +16,11 @@ Two uploads, each 20 MB: a multipart form (one 20 MB file field and two text
 fields; the view reads ``request.files`` and ``request.form``) and a JSON
 array of records (the view calls ``request.get_json()``). The multipart
 upload runs against apps with and without ``MAX_CONTENT_LENGTH``: with a
-limit, the off mode's Werkzeug ``get_input_stream`` wraps pywsgi's input in
-a ``LimitedStream(is_max=True)`` (without one its parser reads pywsgi's
-input directly), while the tee enforces the limit itself and its pump reads
-pywsgi's input directly either way. The figure is the server's time from
+limit, Werkzeug's ``get_input_stream`` wraps pywsgi's input in a
+``LimitedStream(is_max=True)`` (without one its parser reads pywsgi's input
+directly). These three views do not hand off, so in the tee app too the
+request reads its body through Werkzeug alone: the rows show what a request
+that never hands off pays for geventctx's body (G5). The figure is the server's time from
 the view's first line to the end of parsing: it includes taking the body off
 the socket, which the client is still writing when the view starts. The
 client's whole-request latency is reported alongside.
