@@ -26,6 +26,9 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
+from gevent import get_hub
+from greenlet import getcurrent
+
 from .body_plan import CHUNK
 
 __all__ = ["Source", "SourceTimeout", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
@@ -45,6 +48,8 @@ class Source:
     """
 
     lossless = False
+    #: True once a :meth:`read_exactly` was interrupted after it took bytes.
+    lost = False
 
     def __init__(self, raw: t.Any) -> None:
         self.raw = raw
@@ -69,28 +74,16 @@ class _PywsgiLength(Source):
     """gevent.pywsgi's Input for a Content-Length body: one socket read of
     what has arrived (``read1``), counted in the Input as its own read would
     (so it discards exactly the rest at the end), after ``100 Continue``.
-    ``read_exactly`` is the Input's own ``read``, with the socket's timeout
-    set meanwhile (a gevent socket starts a timer only when it must wait)."""
+
+    ``read_exactly`` reads ``read1`` after ``read1`` until it has ``size``
+    bytes, under one watchdog timer per body that is restarted at every
+    piece (no timer made per read; never the socket's own timeout, which
+    would bound the response's writes too). Interrupted, it counts what it
+    read as read (the Input stays in step with the socket) and says the
+    bytes were lost (:attr:`lost`)."""
 
     lossless = True
-
-    _sock: t.Any = False  # the connection's gevent socket, looked up once
-
-    def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
-        raw = self.raw
-        sock = self._sock
-        if sock is False:
-            sock = self._sock = getattr(getattr(raw.rfile, "raw", None), "_sock", None)
-        if sock is None:
-            return None
-        before = sock.timeout
-        sock.settimeout(seconds)
-        try:
-            return raw.read(size)  # type: ignore[no-any-return]
-        except TimeoutError:  # socket.timeout
-            raise SourceTimeout() from None
-        finally:
-            sock.settimeout(before)
+    _watchdog: t.Any = None
 
     def read(self, wanted: int) -> bytes:
         raw = self.raw
@@ -103,6 +96,47 @@ class _PywsgiLength(Source):
             raise OSError(f"unexpected end of file while reading request at position {raw.position}")
         raw.position += len(data)
         return data
+
+    def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
+        raw = self.raw
+        left = raw.content_length - raw.position
+        if size > left:
+            size = left
+        if size <= 0:
+            return b""
+        raw._send_100_continue()
+        read1 = raw.rfile.read1
+        pieces: list[bytes] = []
+        got = 0
+        watchdog = None
+        if seconds is not None:
+            watchdog = self._watchdog
+            if watchdog is None:
+                watchdog = self._watchdog = get_hub().loop.timer(seconds, seconds)
+            expired = SourceTimeout()
+            wake = getcurrent().throw
+            watchdog.start(wake, expired)
+        try:
+            while got < size:
+                piece = read1(size - got)
+                if not piece:
+                    break
+                pieces.append(piece)
+                got += len(piece)
+                if watchdog is not None and got < size:
+                    watchdog.again(wake, expired)  # a byte arrived: the wait starts again
+        except BaseException:
+            if got:
+                raw.position += got
+                self.lost = True
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+        raw.position += got
+        if got < size:
+            raise OSError(f"unexpected end of file while reading request at position {raw.position}")
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class _PywsgiChunked(Source):

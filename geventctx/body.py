@@ -430,7 +430,10 @@ class SharedBody(_Reader):
         cursor._position = start
         if parse:
             cursor.parse = True
+            cursor.owner = reader_key()
             self._plan.parses[cursor] = start
+        else:
+            self._plan.positions[cursor] = start  # a reader of its own: it reads on from there
         return cursor
 
     def parse_ended(self, cursor: BodyCursor) -> None:
@@ -451,7 +454,7 @@ class SharedBody(_Reader):
             source.reading is not None  # somebody else reads
             or not source.lossless
             or spool.done
-            or not self._plan.may_read_through(cursor._position, spool.size)
+            or not self._plan.may_read_through(cursor._position, spool.size, cursor.owner)
             or not self.changes.in_owner_thread()  # a thread task: the request's hub reads its socket
         ):
             return None
@@ -470,7 +473,11 @@ class SharedBody(_Reader):
     def _at(self) -> int:
         if self.partial_reader is not None:
             self._check_whole()
-        return self._plan.position_of(reader_key()) or 0
+        key = reader_key()
+        at = self._plan.position_of(key)
+        if at is None:
+            at = self._plan.positions[key] = 0  # from its first read on, its bytes are kept
+        return at
 
     def _move(self, position: int) -> None:
         self._plan.positions[reader_key()] = position
@@ -587,6 +594,8 @@ class BodyCursor(_Reader):
 
     #: True for the reader of a parse (:meth:`SharedBody.cursor`).
     parse = False
+    #: Who runs the parse (:func:`reader_key`).
+    owner: t.Any = None
 
     def __init__(self, body: SharedBody) -> None:
         super().__init__()
@@ -611,6 +620,8 @@ class BodyCursor(_Reader):
         self._position = position
         if self.parse:
             self._body._parse_moved(self, position)
+        else:
+            self._body._plan.positions[self] = position
 
     def tell(self) -> int:
         return self._position

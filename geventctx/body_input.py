@@ -159,10 +159,14 @@ class InputReader:
         except Exception as exc:
             self.failed(exc)
         except BaseException:
-            # Interrupted (killed, the reader's own timeout): what the read
-            # took is gone with it, and nobody kept what came before.
-            self.broken = True
-            spool.fail(BodyReadError("reading the request body was interrupted: the form parse reading it was stopped"))
+            # Interrupted (killed, the reader's own timeout). Waiting for the
+            # first byte of this read, it lost nothing: it just stops (what
+            # earlier reads took was kept nowhere: a later reader of those
+            # bytes gets BodyReadError from the spool). Interrupted after it
+            # took bytes, they are gone with it: the body fails.
+            if source.lost:
+                self.broken = True
+                spool.fail(BodyReadError("reading the request body was interrupted: the parse reading it was stopped"))
             raise
         finally:
             self.reading = None

@@ -201,8 +201,9 @@ class BodyPlan:
 
         The rule: while a parse runs, a new raw reader waits for it and
         starts where it ended (if it was interrupted: an error), so only the
-        parses and the readers that already have a position need bytes;
-        otherwise a new reader may start at the first byte.
+        parses and the readers that have a position need bytes — a reader
+        has one from the moment its first read begins, before it waits for
+        a byte; otherwise a new reader may start at the first byte.
         """
         if not self.parses:
             return 0
@@ -211,15 +212,13 @@ class BodyPlan:
             needed.extend(self._positions.values())
         return min(needed)
 
-    def may_read_through(self, position: int, size: int) -> bool:
+    def may_read_through(self, position: int, size: int, own: t.Any) -> bool:
         """True if the only parse, at ``position``, may take its bytes
         straight off the input and keep none: it is at the end of what
-        arrived (``size``), nobody else waits or captures, and no reader's
-        position is behind it."""
-        return (
-            position == size
-            and len(self.parses) == 1
-            and not self.targets
-            and not self.capturing
-            and not (self._positions and min(self._positions.values()) < position)
-        )
+        arrived (``size``), nobody else waits or captures, and no reader but
+        the parse's own (``own``, whose raw position the parse moves on)
+        has a position: a reader with one reads on from there."""
+        if position != size or len(self.parses) != 1 or self.targets or self.capturing:
+            return False
+        positions = self._positions
+        return not positions or all(key is own for key in list(positions.keys()))

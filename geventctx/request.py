@@ -103,7 +103,10 @@ class RequestStream(_Reader, LimitedStream):
             return at
         if self.consumers and key not in self.consumers:
             body.changes.wait(lambda: not self.consumers)  # a parse runs: what it leaves
-        return self.consumed_at or 0
+        # From its first read on (before it waits for a byte), the body
+        # keeps this reader's bytes.
+        start = body.positions[key] = self.consumed_at or 0
+        return start
 
     def consumed(self, key: t.Any, position: int) -> None:
         """A consumer Werkzeug does not cache read the body up to ``position``."""

@@ -142,24 +142,29 @@ def test_a_parse_reads_straight_through_only_when_it_alone_needs_the_bytes():
         pass
 
     plan = BodyPlan(length=None, timeout=30)
-    assert not plan.may_read_through(0, 0)  # not a parse
+    view = Reader()
+    assert not plan.may_read_through(0, 0, view)  # not a parse
     first = object()
     plan.parses[first] = 100
-    assert plan.may_read_through(100, 100)
-    assert not plan.may_read_through(100, 150)  # bytes arrived ahead of it: the spool has them
+    assert plan.may_read_through(100, 100, view)
+    assert not plan.may_read_through(100, 150, view)  # bytes arrived ahead of it: the spool has them
     plan.want(200, lossless=True)
-    assert not plan.may_read_through(100, 100)  # somebody else waits for bytes
+    assert not plan.may_read_through(100, 100, view)  # somebody else waits for bytes
     plan.got(200)
     plan.capturing = True
-    assert not plan.may_read_through(100, 100)
+    assert not plan.may_read_through(100, 100, view)
     plan.capturing = False
-    reader = Reader()
-    plan.positions[reader] = 50
-    assert not plan.may_read_through(100, 100)  # a raw reader is behind it
-    plan.positions[reader] = 100
-    assert plan.may_read_through(100, 100)
+    plan.positions[view] = 40
+    assert plan.may_read_through(100, 100, view)  # the parse's own raw position: moved on by the parse
+    child = Reader()
+    plan.positions[child] = 100
+    assert not plan.may_read_through(100, 100, view)  # level with it: it reads on from there
+    plan.positions[child] = 0
+    assert not plan.may_read_through(100, 100, view)  # a reader whose first read waits: the same
+    del child
+    assert plan.may_read_through(100, 100, view)
     plan.parses[object()] = 0
-    assert not plan.may_read_through(100, 100)  # two parses
+    assert not plan.may_read_through(100, 100, view)  # two parses
 
 
 def test_who_else_waits_and_when_waiters_wake():
