@@ -26,9 +26,6 @@ import socket as _stdlib_socket
 import sys
 import typing as t
 
-from gevent import get_hub
-from greenlet import getcurrent
-
 from .body_plan import CHUNK
 
 __all__ = ["Source", "SourceTimeout", "source_for", "progress", "translate", "close_connection", "SMALL_READ", "CHUNK"]
@@ -65,6 +62,9 @@ class Source:
         input cannot bound its waits so (read with :meth:`read` instead)."""
         return None
 
+    def close(self) -> None:
+        """The body is done with this input: free what reading made."""
+
 
 class SourceTimeout(Exception):
     """No byte arrived for the seconds given to :meth:`Source.read_exactly`."""
@@ -75,15 +75,18 @@ class _PywsgiLength(Source):
     what has arrived (``read1``), counted in the Input as its own read would
     (so it discards exactly the rest at the end), after ``100 Continue``.
 
-    ``read_exactly`` reads ``read1`` after ``read1`` until it has ``size``
-    bytes, under one watchdog timer per body that is restarted at every
-    piece (no timer made per read; never the socket's own timeout, which
-    would bound the response's writes too). Interrupted, it counts what it
-    read as read (the Input stays in step with the socket) and says the
-    bytes were lost (:attr:`lost`)."""
+    ``read_exactly`` is the Input's buffered file's own ``readinto``, with a
+    duplicate of the connection's socket swapped in under it for the call:
+    the duplicate's timeout bounds each wait for a byte, as a gevent
+    socket's does (a timer only when it must wait), and the connection's
+    own socket — which the response is written through — keeps its own.
+    Interrupted after it took bytes, it says they were lost (:attr:`lost`).
+    """
 
     lossless = True
-    _watchdog: t.Any = None
+    _reader: t.Any = None  # the duplicate socket, made at the first read_exactly
+    _socket_file: t.Any = None  # the buffered file's socket file, whose socket it swaps
+    _sock: t.Any = None
 
     def read(self, wanted: int) -> bytes:
         raw = self.raw
@@ -99,44 +102,50 @@ class _PywsgiLength(Source):
 
     def read_exactly(self, size: int, seconds: float | None) -> bytes | None:
         raw = self.raw
+        rfile = raw.rfile
+        reader = self._reader
+        if reader is None:
+            socket_file: t.Any = getattr(rfile, "raw", None)
+            sock = getattr(socket_file, "_sock", None)
+            if sock is None or not hasattr(rfile, "readinto1"):
+                return None
+            reader = self._reader = sock.dup()
+            reader.settimeout(seconds)
+            self._socket_file, self._sock = socket_file, sock
+        socket_file, sock = self._socket_file, self._sock
         left = raw.content_length - raw.position
         if size > left:
             size = left
         if size <= 0:
             return b""
         raw._send_100_continue()
-        read1 = raw.rfile.read1
-        pieces: list[bytes] = []
+        data = bytearray(size)  # read straight into it, as a buffered read() does
+        view = memoryview(data)
         got = 0
-        watchdog = None
-        if seconds is not None:
-            watchdog = self._watchdog
-            if watchdog is None:
-                watchdog = self._watchdog = get_hub().loop.timer(seconds, seconds)
-            expired = SourceTimeout()
-            wake = getcurrent().throw
-            watchdog.start(wake, expired)
+        socket_file._sock = reader
         try:
-            while got < size:
-                piece = read1(size - got)
-                if not piece:
-                    break
-                pieces.append(piece)
-                got += len(piece)
-                if watchdog is not None and got < size:
-                    watchdog.again(wake, expired)  # a byte arrived: the wait starts again
+            # One socket read first: stopped while it waits, nothing was taken.
+            got = rfile.readinto1(view)
+            if 0 < got < size:
+                got += rfile.readinto(view[got:])
+        except TimeoutError:  # socket.timeout
+            self.lost = bool(got)
+            raise SourceTimeout() from None
         except BaseException:
-            if got:
-                raw.position += got
-                self.lost = True
+            self.lost = bool(got)
             raise
         finally:
-            if watchdog is not None:
-                watchdog.stop()
+            socket_file._sock = sock
+            view.release()
         raw.position += got
         if got < size:
             raise OSError(f"unexpected end of file while reading request at position {raw.position}")
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data  # type: ignore[return-value]  # a bytearray: what Werkzeug's parser extends its buffer with
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
 
 class _PywsgiChunked(Source):

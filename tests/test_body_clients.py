@@ -1455,3 +1455,49 @@ def test_a_form_parsed_alone_in_a_thread_task_is_read_by_the_request_hub(serve):
         pool.kill()
     assert response is not None and response.status == 200, response
     assert notes.results["task"] == ("report", sha(UPLOAD))
+
+
+def test_a_read_through_parse_leaves_no_file_descriptor_behind(serve):
+    # The parse reads through a duplicate of the connection's socket (its
+    # timeout bounds the parse's waits, not the response's writes): it is
+    # closed with the body, so requests leave no descriptor open.
+    notes = Notes()
+    server = serve(form_app(notes, GEVENTCTX_BODY_TIMEOUT=5.0))
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", UPLOAD)})
+
+    def post() -> None:
+        response = server.request("POST", "/form", headers={"Content-Type": content_type}, body=body, timeout=WAIT * 2)
+        assert response is not None and response.status == 200, response
+
+    post()  # warm: the server's own descriptors
+    wait_for(lambda: notes.results.get("spool") is not None and notes.results["spool"].closed, WAIT, "teardown")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        post()
+        wait_for(lambda: notes.results["spool"].closed, WAIT, "teardown")
+    settle()
+    assert notes.results["spool"].written == 0  # it did read through
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_slow_but_steady_client_does_not_time_out_a_form_parse_read_straight_off_the_socket(serve):
+    # The body timeout bounds each wait for a byte, not a parser's read of
+    # 64 KiB: 12 pieces 0.15 s apart take far longer than the 0.5 s timeout.
+    notes = Notes()
+    server = serve(form_app(notes, GEVENTCTX_BODY_TIMEOUT=0.5))
+    content = os.urandom(30_000)
+    body, content_type = multipart({"title": "report"}, {"upload": ("a.bin", content)})
+    client = RawClient(server.port)
+    try:
+        client.send_head(
+            "POST", "/form", {"Content-Length": str(len(body)), "Content-Type": content_type, "Connection": "close"}
+        )
+        for piece in pieces(body, 12):
+            client.send(piece)
+            gevent.sleep(0.15)
+        response = client.read_response(WAIT)
+    finally:
+        client.close()
+    assert response.status == 200, response.body
+    assert notes.results["mine"][1] == notes.results["child"][1] == sha(content)
+    assert notes.results["spool"].written == 0 and notes.results["spool"].most_kept == 0
