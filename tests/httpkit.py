@@ -226,6 +226,12 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def trickle(self, data: bytes, n: int, delay: float) -> None:
+        """Send ``data`` in ``n`` pieces, ``delay`` seconds apart (a slow client)."""
+        for piece in pieces(data, n):
+            self.sock.sendall(piece)
+            gevent.sleep(delay)
+
     def _recv(self, timeout: float, what: str) -> bytes:
         stuck = AssertionError(f"nothing more in {timeout:g}s waiting for {what}: {self.received[-300:]!r}")
         try:

@@ -55,7 +55,8 @@ BIG = os.urandom(600_000)
 # -- A: a raw reader exactly at the parse's position ----------------------------------
 
 
-def test_raw_reader_positioned_where_the_parse_reads_through_still_gets_every_byte(serve, gates):
+@pytest.mark.parametrize("middleware", [False, True], ids=["flask", "flask-in-middleware"])
+def test_raw_reader_positioned_where_the_parse_reads_through_still_gets_every_byte(serve, gates, middleware):
     # The child read exactly 128 KiB of the raw stream (two of the parser's
     # 64 KiB reads); the view's parse catches up with it at size == 128 KiB
     # and may_read_through() allows reading straight off the socket, though
@@ -87,6 +88,10 @@ def test_raw_reader_positioned_where_the_parse_reads_through_still_gets_every_by
         notes["form"] = form
         return "ok"
 
+    if middleware:  # the body shared before the app runs, Flask's request inside
+        from geventctx.wsgi import ContextMiddleware
+
+        app.wsgi_app = ContextMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     server = serve(app)
     body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
     response = server.request("POST", "/f", headers={"Content-Type": ctype}, body=body, timeout=WAIT * 2)
@@ -98,10 +103,13 @@ def test_raw_reader_positioned_where_the_parse_reads_through_still_gets_every_by
 # -- B: a raw reader that began before the parse, still waiting for its bytes -----------
 
 
-def test_raw_reader_waiting_for_bytes_when_the_parse_starts_keeps_its_bytes(serve):
-    # The child's first read (200 000 bytes) began before the parse and waits
-    # for bytes: it has no position yet, so keep_from() ignores it and the
-    # parse's forget() drops the bytes the child is about to return.
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_raw_reader_waiting_for_bytes_when_the_parse_starts_keeps_its_bytes(serve, chunked):
+    # The child's first read (200 000 bytes) began before the parse and
+    # waits for bytes: a reader has a position from the moment its read
+    # begins, so the parse neither reads past it straight off the socket
+    # (Content-Length) nor frees the bytes it waits for (chunked: no
+    # read-through, the spool's forget() alone). The first version lost them.
     app, notes = app_with()
 
     @app.post("/f")
@@ -129,14 +137,19 @@ def test_raw_reader_waiting_for_bytes_when_the_parse_starts_keeps_its_bytes(serv
     server = serve(app)
     body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
     client = RawClient(server.port)
+
+    def frame(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+
+    framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))}
     try:
-        client.send_head("POST", "/f", {"Content-Length": str(len(body)), "Content-Type": ctype, "Connection": "close"})
-        client.send(body[:10])
+        client.send_head("POST", "/f", {**framing, "Content-Type": ctype, "Connection": "close"})
+        client.send(frame(body[:10]))
         wait_for(lambda: notes.get("parsing"), WAIT, "the parse to start")
         gevent.sleep(0.05)
-        client.send(body[10:100_000])  # the parse's first 64 KiB arrive, the child's 200 000 not yet
+        client.send(frame(body[10:100_000]))  # the parse's first 64 KiB arrive, the child's 200 000 not yet
         gevent.sleep(0.1)
-        client.send(body[100_000:])
+        client.send(frame(body[100_000:]) + (b"0\r\n\r\n" if chunked else b""))
         response = client.read_response(WAIT)
     finally:
         client.close()
@@ -307,8 +320,10 @@ def test_child_parses_the_form_after_the_response_then_keep_alive_goes_on(serve,
 # -- F: errors the same for every reader ---------------------------------------------------
 
 
-def test_client_vanishing_mid_read_through_gives_400_to_both(serve):
-    app, notes = app_with()
+def failing_parse_app(**config: t.Any) -> tuple[Flask, dict[str, t.Any]]:
+    """``POST /f``: the view and a child parse the form at once; what each
+    got (an error, expected) is noted and the view raises its own."""
+    app, notes = app_with(**config)
 
     @app.post("/f")
     def view() -> str:
@@ -321,6 +336,12 @@ def test_client_vanishing_mid_read_through_gives_400_to_both(serve):
         kid.join(WAIT)
         notes["child"] = kid.exception
         raise notes["mine"]
+
+    return app, notes
+
+
+def test_client_vanishing_mid_read_through_gives_400_to_both(serve):
+    app, notes = failing_parse_app()
 
     server = serve(app)
     body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
@@ -340,19 +361,7 @@ def test_client_vanishing_mid_read_through_gives_400_to_both(serve):
 
 
 def test_too_large_form_with_a_child_is_413_for_both_and_connection_not_reused(serve):
-    app, notes = app_with(MAX_CONTENT_LENGTH=200_000)
-
-    @app.post("/f")
-    def view() -> str:
-        kid = geventctx.spawn(lambda: request.form)
-        gevent.sleep(0.01)
-        try:
-            request.form
-        except Exception as exc:
-            notes["mine"] = exc
-        kid.join(WAIT)
-        notes["child"] = kid.exception
-        raise notes["mine"]
+    app, notes = failing_parse_app(MAX_CONTENT_LENGTH=200_000)
 
     server = serve(app)
     body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
@@ -503,100 +512,6 @@ def test_thread_task_stream_reader_waiting_when_the_view_parses(serve):
     assert response.status == 200, response.body
     assert notes["form"] == ("t", sha(BIG))
     assert notes["task"] == sha(body), notes["task"]
-
-
-# -- B on a chunked body (no read-through: the spool's forget() alone) -------------------
-
-
-def test_chunked_raw_reader_waiting_when_the_parse_starts_keeps_its_bytes(serve):
-    app, notes = app_with()
-
-    @app.post("/f")
-    def view() -> str:
-        waiting = Event()
-
-        def child() -> t.Any:
-            try:
-                waiting.set()
-                seen = hashlib.sha256(request.stream.read(200_000))
-                return stream_rest(seen)
-            except Exception as exc:
-                return exc
-
-        kid = geventctx.spawn(child)
-        waiting.wait(WAIT)
-        gevent.sleep(0.05)
-        notes["parsing"] = True
-        form = request.form["title"], sha(request.files["upload"].read())
-        kid.join(WAIT)
-        notes["child"] = kid.value
-        notes["form"] = form
-        return "ok"
-
-    server = serve(app)
-    body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
-    client = RawClient(server.port)
-
-    def chunk(data: bytes) -> bytes:
-        return b"%x\r\n%s\r\n" % (len(data), data)
-
-    try:
-        client.send_head(
-            "POST", "/f", {"Transfer-Encoding": "chunked", "Content-Type": ctype, "Connection": "close"}
-        )
-        client.send(chunk(body[:10]))
-        wait_for(lambda: notes.get("parsing"), WAIT, "the parse to start")
-        gevent.sleep(0.05)
-        client.send(chunk(body[10:100_000]))
-        gevent.sleep(0.1)
-        client.send(chunk(body[100_000:]) + b"0\r\n\r\n")
-        response = client.read_response(WAIT)
-    finally:
-        client.close()
-    assert response.status == 200, response.body
-    assert notes["form"] == ("t", sha(BIG))
-    assert notes["child"] == sha(body), notes["child"]
-
-
-# -- A behind ContextMiddleware ----------------------------------------------------------
-
-
-def test_middleware_flask_raw_reader_at_the_parse_position_gets_every_byte(serve, gates):
-    from geventctx.wsgi import ContextMiddleware
-
-    app, notes = app_with()
-    go_on = gates()
-
-    @app.post("/f")
-    def view() -> str:
-        started = Event()
-
-        def child() -> t.Any:
-            try:
-                seen = hashlib.sha256(request.stream.read(131072))
-                started.set()
-                go_on.wait(WAIT)
-                return stream_rest(seen)
-            except Exception as exc:
-                started.set()
-                return exc
-
-        kid = geventctx.spawn(child)
-        started.wait(WAIT)
-        form = request.form["title"], sha(request.files["upload"].read())
-        go_on.set()
-        kid.join(WAIT)
-        notes["child"] = kid.value
-        notes["form"] = form
-        return "ok"
-
-    app.wsgi_app = ContextMiddleware(app.wsgi_app)  # type: ignore[method-assign]
-    server = serve(app)
-    body, ctype = multipart({"title": "t"}, {"upload": ("a.bin", BIG)})
-    response = server.request("POST", "/f", headers={"Content-Type": ctype}, body=body, timeout=WAIT * 2)
-    assert response is not None and response.status == 200, response
-    assert notes["form"] == ("t", sha(BIG))
-    assert notes["child"] == sha(body), notes["child"]
 
 
 # -- a parse killed midway, with a pipelined request behind the body ----------------------

@@ -375,9 +375,7 @@ def test_trickled_body_streams_to_the_view_while_children_read_it_whole(serve, b
         client.send_head(
             "POST", "/stream", {"Content-Length": str(len(body)), "Content-Type": content_type, "Connection": "close"}
         )
-        for piece in pieces(body, 20):
-            client.send(piece)
-            gevent.sleep(0.01)
+        client.trickle(body, 20, 0.01)
         assert client.read_response(WAIT).status == 200
     finally:
         client.close()
@@ -1492,9 +1490,7 @@ def test_a_slow_but_steady_client_does_not_time_out_a_form_parse_read_straight_o
         client.send_head(
             "POST", "/form", {"Content-Length": str(len(body)), "Content-Type": content_type, "Connection": "close"}
         )
-        for piece in pieces(body, 12):
-            client.send(piece)
-            gevent.sleep(0.15)
+        client.trickle(body, 12, 0.15)
         response = client.read_response(WAIT)
     finally:
         client.close()
