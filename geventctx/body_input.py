@@ -156,7 +156,7 @@ class InputReader:
                 self.broken = True
                 raise BodyTimeout(f"the client sent no request body bytes for {plan.seconds:g}s") from None
             if whole is None:
-                data = self._read_pieces(size)
+                pass  # this input cannot: the parse reads through the spool
             elif whole and plan.length is not None and spool.skip(len(whole)):
                 # A known length is within the limit (checked at open) and
                 # read_exactly raises at an early end: only the end is news.
@@ -192,30 +192,17 @@ class InputReader:
             raise spool.error
         return data
 
-    def _read_pieces(self, size: int) -> bytes:
-        # An input without read_exactly: piece by piece, each read bounded.
-        pieces: list[bytes] = []
-        got = 0
-        while got < size and not self.spool.done:
-            piece = self.take(self.plan.clip(self.spool.size, size - got), through=True)
-            if not piece:
-                break
-            pieces.append(piece)
-            got += len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
     # -- one read ------------------------------------------------------------------
 
-    def take(self, wanted: int, through: bool = False) -> bytes | None:
-        """One read off the input into the spool; ``None``: stop.
-        ``through``: a reader's own read, kept nowhere (:meth:`read_through`)."""
+    def take(self, wanted: int) -> bytes | None:
+        """One read off the input into the spool; ``None``: stop."""
         if wanted <= 0:
             return None
         try:
-            data = self._read_source(wanted, through)
+            data = self._read_source(wanted)
         except QuietStop:
             return None
-        return self._taken(data, through)
+        return self._taken(data, through=False)
 
     def _taken(self, data: bytes, through: bool) -> bytes | None:
         # What a read brought: counted, kept (unless read through), judged.
@@ -240,7 +227,7 @@ class InputReader:
             self.changes.notify()
         return data
 
-    def _read_source(self, size: int, waited: bool) -> bytes:
+    def _read_source(self, size: int) -> bytes:
         source = self.source
         assert source is not None
         seconds = self.plan.seconds
@@ -255,7 +242,7 @@ class InputReader:
         except Timeout as exc:
             if exc is not timer:
                 raise
-            if self.plan.quiet_on_timeout(source.lossless, waited):
+            if self.plan.quiet_on_timeout(source.lossless):
                 raise QuietStop() from None  # reading ahead, nobody waiting, nothing lost
             self.broken = True
             raise BodyTimeout(f"the client sent no request body bytes for {timer.seconds:g}s") from None

@@ -175,11 +175,11 @@ class BodyPlan:
             return arrived, Verdict.END
         return arrived, Verdict.MORE
 
-    def quiet_on_timeout(self, lossless: bool, waited: bool) -> bool:
+    def quiet_on_timeout(self, lossless: bool) -> bool:
         """A read timed out: ``True`` if it only read ahead for nobody on a
         lossless input (stop, nothing lost), ``False`` if it is the body's
         timeout error."""
-        return lossless and not (waited or self.targets or self.capturing)
+        return lossless and not (self.targets or self.capturing)
 
     # -- readers' positions ----------------------------------------------------
 

@@ -109,14 +109,13 @@ def test_what_a_read_brought():
 def test_a_timeout_is_quiet_only_when_it_read_ahead_for_nobody_on_a_lossless_input():
     plan = BodyPlan(length=None, timeout=0.5)
     assert plan.seconds == 0.5 and BodyPlan(None, 0).seconds is None and BodyPlan(None, None).seconds is None
-    assert plan.quiet_on_timeout(lossless=True, waited=False)
-    assert not plan.quiet_on_timeout(lossless=False, waited=False)  # a read cut short
-    assert not plan.quiet_on_timeout(lossless=True, waited=True)  # its reader waited
+    assert plan.quiet_on_timeout(lossless=True)
+    assert not plan.quiet_on_timeout(lossless=False)  # a read cut short
     plan.want(10, lossless=True)
-    assert not plan.quiet_on_timeout(lossless=True, waited=False)  # somebody waits
+    assert not plan.quiet_on_timeout(lossless=True)  # somebody waits
     plan.got(10)
     plan.capturing = True
-    assert not plan.quiet_on_timeout(lossless=True, waited=False)
+    assert not plan.quiet_on_timeout(lossless=True)
 
 
 def test_which_bytes_nobody_will_read_again():
