@@ -607,7 +607,7 @@ class BodyCursor(_Reader):
         if self.parse and size is not None and size > 0:
             # A parse that alone reads takes its bytes straight off the input.
             body = self._body
-            data = body._read_through(self, size) if body._input.reading is None else None
+            data = body._read_through(self, size)
             if data is not None:
                 # Kept nowhere: nothing for the spool to forget.
                 self._position = body._plan.parses[self] = self._position + len(data)

@@ -165,7 +165,7 @@ class InputReader:
                     spool.end()
                     self.changes.notify()
             else:
-                data = self._taken(whole, through=True)
+                data = self._taken(whole)  # the spool could not leave them out: kept
         except Exception as exc:
             self.failed(exc)
         except BaseException:
@@ -202,10 +202,10 @@ class InputReader:
             data = self._read_source(wanted)
         except QuietStop:
             return None
-        return self._taken(data, through=False)
+        return self._taken(data)
 
-    def _taken(self, data: bytes, through: bool) -> bytes | None:
-        # What a read brought: counted, kept (unless read through), judged.
+    def _taken(self, data: bytes) -> bytes | None:
+        # What a read brought: counted, kept, judged.
         spool = self.spool
         if spool.closed:
             return None
@@ -213,8 +213,7 @@ class InputReader:
         if count:
             if count < len(data):
                 data = data[:count]  # one byte past the limit, no more
-            if not (through and spool.skip(count)):
-                spool.append(data)
+            spool.append(data)
         if verdict is Verdict.TOO_LARGE:
             raise RequestEntityTooLarge()  # not out of step: the server can discard the rest
         if verdict is Verdict.CUT_SHORT:
@@ -223,7 +222,7 @@ class InputReader:
         if verdict is Verdict.END:
             spool.end()
             self.changes.notify()
-        elif self.plan.targets and self.plan.wakes(spool.size):
+        elif self.plan.wakes(spool.size):
             self.changes.notify()
         return data
 
